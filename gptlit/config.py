@@ -51,9 +51,7 @@ class GPTConfig:
                 "change embed_dim or n_heads, or set use_rope=False"
             )
         if self.norm_type not in ("layernorm", "rmsnorm"):
-            raise ValueError(
-                f"GPTConfig.norm_type must be 'layernorm' or 'rmsnorm', got {self.norm_type!r}"
-            )
+            raise ValueError(f"GPTConfig.norm_type must be 'layernorm' or 'rmsnorm', got {self.norm_type!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.rope_base <= 0:

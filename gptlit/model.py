@@ -1,0 +1,293 @@
+"""A GPT in plain PyTorch: RoPE (or learned positions), causal SDPA attention with a KV cache, GELU MLP.
+
+Modules are defined leaf-first: norms, rotary embeddings, the KV cache, attention, MLP, Block, GPT.
+Nothing here imports Lightning: the model can be used, tested and exported on its own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptlit.config import GPTConfig
+
+
+def build_norm(config: GPTConfig) -> nn.Module:
+    if config.norm_type == "rmsnorm":
+        return nn.RMSNorm(config.embed_dim, eps=1e-5)
+    return nn.LayerNorm(config.embed_dim, eps=1e-5, bias=config.bias)
+
+
+def build_rope_cache(
+    seq_len: int, head_size: int, base: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (seq_len, head_size), in the rotate-half layout of GPT-NeoX and Llama.
+
+    Channel i and channel i + head_size/2 form one rotating pair, with frequency base^(-2i/head_size).
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))  # (hs/2,)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (T, hs/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, hs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, nh, T, hs) by the angles of its positions; cos and sin are (T, hs)."""
+    half = x.size(-1) // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # rotate_half(x)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position seen so far, preallocated for (batch, max length).
+
+    The buffers are non-persistent: they never enter a state_dict or a checkpoint.
+    """
+
+    def __init__(
+        self, batch_size: int, n_heads: int, max_seq_len: int, head_size: int, device, dtype
+    ) -> None:
+        super().__init__()
+        shape = (batch_size, n_heads, max_seq_len, head_size)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def forward(
+        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nh, T, hs) at positions input_pos (T,); return the whole cache (B, nh, L, hs)."""
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.head_size = config.head_size
+        self.dropout = config.dropout
+        # One matmul for q, k and v; rows are laid out [q; k; v], each embed_dim wide.
+        self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim, bias=config.bias)
+        self.proj = nn.Linear(config.embed_dim, config.embed_dim, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        input_pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_heads, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_heads, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_heads, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+
+        if input_pos is None:
+            # Training and uncached inference: plain causal attention over these T tokens.
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )  # (B, nh, T, hs)
+        else:
+            if self.kv_cache is None:
+                raise RuntimeError(
+                    "forward with input_pos needs a KV cache: call model.set_kv_cache(batch_size)"
+                )
+            k, v = self.kv_cache(input_pos, k, v)  # (B, nh, L, hs)
+            # mask (T, L') is True where a query may attend; the cache is cut to the L' positions it covers.
+            k, v = k[:, :, : mask.size(-1)], v[:, :, : mask.size(-1)]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
+
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.embed_dim, 4 * config.embed_dim, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.proj = nn.Linear(4 * config.embed_dim, config.embed_dim, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(self.gelu(self.fc(x))))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.norm_1 = build_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.norm_2 = build_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, input_pos=None, mask=None) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), rope, input_pos, mask)
+        return x + self.mlp(self.norm_2(x))
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer language model.
+
+    Args:
+        config: The model's shape (see :class:`gptlit.config.GPTConfig`).
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.embed_dim)
+        self.wpe = None if config.use_rope else nn.Embedding(config.block_size, config.embed_dim)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm_f = build_norm(config)
+        self.lm_head = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied: one matrix embeds and un-embeds tokens
+
+        if config.use_rope:
+            cos, sin = build_rope_cache(config.block_size, config.head_size, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("causal_mask", None, persistent=False)  # (L, L) bool, built with the KV cache
+
+        self.apply(self._init_weights)
+        # GPT-2: scale the init of projections into the residual stream by 1/sqrt(2 * n_layers),
+        # so the residual's variance does not grow with depth.
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # Forward ---------------------------------------------------------------------------------------
+
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids idx (B, T).
+
+        With ``input_pos`` (T,) — the positions of these tokens, increasing — keys and values are read
+        from and written to the KV cache, so a prompt can be fed once and then one token at a time.
+        """
+        T = idx.size(1)
+        if input_pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+            pos = torch.arange(T, device=idx.device)
+            mask = None
+        else:
+            if self.causal_mask is None:
+                raise RuntimeError(
+                    "forward with input_pos needs a KV cache: call model.set_kv_cache(batch_size)"
+                )
+            pos = input_pos
+            # Row p of the causal mask lets a query at position p see keys 0..p; keys past the last
+            # position are never needed, so the mask (and the cache read) stops there.
+            last = int(input_pos[-1]) + 1
+            mask = self.causal_mask[input_pos, :last]  # (T, last)
+
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(pos)  # (T, C) broadcast over the batch
+        x = self.drop(x)
+        rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.config.use_rope else None  # 2 x (T, hs)
+        for block in self.blocks:
+            x = block(x, rope, input_pos, mask)
+        x = self.norm_f(x)
+        return self.lm_head(x)  # (B, T, vocab_size)
+
+    # KV cache --------------------------------------------------------------------------------------
+
+    def set_kv_cache(
+        self,
+        batch_size: int,
+        max_seq_len: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Preallocate a KV cache for ``batch_size`` sequences of ``max_seq_len`` (default block_size)."""
+        max_seq_len = max_seq_len or self.config.block_size
+        if max_seq_len > self.config.block_size:
+            raise ValueError(
+                f"max_seq_len {max_seq_len} exceeds block_size {self.config.block_size}: positions past "
+                "block_size were never trained"
+            )
+        param = self.wte.weight
+        device, dtype = device or param.device, dtype or param.dtype
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(
+                batch_size, self.config.n_heads, max_seq_len, self.config.head_size, device, dtype
+            )
+        ones = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device)
+        self.causal_mask = torch.tril(ones)  # (L, L)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+        self.causal_mask = None
+
+    @property
+    def kv_cache_shape(self) -> tuple[int, int] | None:
+        """(batch_size, max_seq_len) of the current KV cache, or None."""
+        cache = self.blocks[0].attn.kv_cache
+        return None if cache is None else (cache.k.size(0), cache.k.size(2))
+
+    # Accounting ------------------------------------------------------------------------------------
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, counting the tied embedding/head matrix once; ``non_embedding`` drops it and wpe."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel()
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward): 6N + 12·n_layers·T·C.
+
+        N counts the weights used in matrix products, the tied head included and the position table
+        not; the second term is the attention scores and their weighted sum (PaLM, appendix B).
+        """
+        T = seq_len or self.config.block_size
+        n_matmul = self.num_params(non_embedding=True) + self.wte.weight.numel()
+        return 6 * n_matmul + 12 * self.config.n_layers * T * self.config.embed_dim
+
+    # Seed-style generation -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        token_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """Continue token_ids (B, T) by max_new_tokens; returns (B, T + max_new_tokens), prompt included."""
+        from gptlit.generate import generate
+
+        if token_ids.dim() == 1:
+            token_ids = token_ids.unsqueeze(0)
+        new = generate(
+            self, token_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+        )
+        new_ids = torch.tensor(new, dtype=token_ids.dtype, device=token_ids.device)  # (B, max_new_tokens)
+        return torch.cat((token_ids, new_ids.view(token_ids.size(0), -1)), dim=1)
