@@ -1,0 +1,275 @@
+"""GPTLitModule: the LightningModule that trains a GPT — loss, metrics, AdamW and its schedule."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from gptlit.config import GPTConfig, NormType
+from gptlit.generate import generate
+from gptlit.model import GPT
+from gptlit.tokenizer import Tokenizer
+
+CHECKPOINT_FORMAT = 1
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier at optimizer step ``step``: linear warmup, then cosine to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
+
+
+class GPTLitModule(L.LightningModule):
+    """Trains a GPT on next-token prediction.
+
+    Args:
+        vocab_size: Vocabulary size; linked from the data module (``data.vocab_size``), never set in YAML.
+        block_size: Context length; also sets the data module's window length.
+        embed_dim: Width of the residual stream.
+        n_heads: Attention heads per layer.
+        n_layers: Transformer blocks.
+        dropout: Dropout on attention and residual branches.
+        use_rope: Rotary position embeddings (True) or learned absolute positions (False).
+        norm_type: ``layernorm`` or ``rmsnorm``.
+        bias: Biases in linear layers and LayerNorm.
+        rope_base: Base of the RoPE frequencies.
+        learning_rate: Peak learning rate, reached at the end of warmup.
+        min_lr: Learning rate at the end of the cosine decay.
+        weight_decay: AdamW weight decay, applied to the weight matrices of linear layers only.
+        betas: AdamW betas.
+        warmup: Warmup length: a float below 1 is a fraction of all optimizer steps, an int a step count.
+        peak_flops: The device's peak FLOP/s; when given, ``train/mfu`` is logged.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 8000,
+        block_size: int = 256,
+        embed_dim: int = 512,
+        n_heads: int = 8,
+        n_layers: int = 6,
+        dropout: float = 0.1,
+        use_rope: bool = True,
+        norm_type: NormType = "layernorm",
+        bias: bool = True,
+        rope_base: float = 10000.0,
+        learning_rate: float = 6e-4,
+        min_lr: float = 6e-5,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup: int | float = 0.1,
+        peak_flops: float | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(warmup, float) and not 0.0 <= warmup < 1.0:
+            raise ValueError(
+                f"warmup as a fraction must be in [0, 1), got {warmup}; give an int for a step count"
+            )
+        if isinstance(warmup, int) and warmup < 0:
+            raise ValueError(f"warmup must be >= 0 steps, got {warmup}")
+        if not 0 <= min_lr <= learning_rate:
+            raise ValueError(f"min_lr ({min_lr}) must be between 0 and learning_rate ({learning_rate})")
+        self.save_hyperparameters()
+        self.config = GPTConfig(
+            vocab_size=vocab_size,
+            block_size=block_size,
+            embed_dim=embed_dim,
+            n_heads=n_heads,
+            n_layers=n_layers,
+            dropout=dropout,
+            use_rope=use_rope,
+            norm_type=norm_type,
+            bias=bias,
+            rope_base=rope_base,
+        )
+        self.model = GPT(self.config)
+        self.tokenizer: Tokenizer | None = None  # from the data module, or from a checkpoint
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        self._last_batch_end: float | None = None
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    # Data hand-over ----------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        tokenizer = getattr(datamodule, "tokenizer", None) if datamodule is not None else None
+        if tokenizer is None:
+            return
+        if tokenizer.vocab_size > self.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {self.config.vocab_size}; "
+                "set data.vocab_size to at least the tokenizer's size, or use the tokenizer the model was "
+                "trained with"
+            )
+        self.tokenizer = tokenizer
+
+    # Steps ---------------------------------------------------------------------------------------------
+
+    def model_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Mean next-token cross-entropy of a batch (x, y), each (B, T)."""
+        x, y = batch
+        logits = self.model(x)  # (B, T, vocab_size)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self.model_step(batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at step {self.global_step}; lower model.learning_rate or "
+                "use trainer.precision 32-true, then resume with --ckpt_path last (the last good checkpoint)"
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self.val_loss.update(self.model_step(batch))
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.test_loss.update(self.model_step(batch))
+
+    def _log_eval_metrics(self, split: str, metric: MeanMetric) -> None:
+        loss = metric.compute()
+        metric.reset()
+        self.log(f"{split}/loss", loss, prog_bar=split == "val", sync_dist=False)
+        self.log(f"{split}/ppl", loss.exp())
+        bytes_per_token = getattr(getattr(self.trainer, "datamodule", None), "bytes_per_token", None)
+        if bytes_per_token:
+            # nats per token -> bits per byte of text: independent of the tokenizer, so runs compare.
+            self.log(f"{split}/bpb", loss / (bytes_per_token * math.log(2)))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_metrics("val", self.val_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_metrics("test", self.test_loss)
+
+    # Throughput -----------------------------------------------------------------------------------------
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Wall time from one batch's end to the next: the step, data loading and logging, as a user sees it.
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            tokens = batch[0].numel() * self.trainer.world_size
+            tokens_per_sec = tokens / (now - self._last_batch_end)
+            self.log("train/tokens_per_sec", tokens_per_sec, prog_bar=True)
+            if self.hparams.peak_flops:
+                flops = self.model.flops_per_token(batch[0].size(1)) * tokens_per_sec
+                self.log("train/mfu", flops / (self.hparams.peak_flops * self.trainer.world_size))
+        self._last_batch_end = now
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_epoch_start(self) -> None:
+        self._last_batch_end = None  # validation and epoch turnover are not training time
+
+    def on_validation_start(self) -> None:
+        self._last_batch_end = None
+
+    # Optimizer and schedule --------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        # Decay only the weight matrices of linear layers. Biases and norm gains are offsets and scales whose
+        # size is meaningful; the tied token embedding is left alone too, since rows of rare tokens get few
+        # gradient updates and decay would pull them towards zero between those updates.
+        decay, no_decay, seen = [], [], {id(self.model.wte.weight)}
+        for module in self.model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                is_matrix = isinstance(module, torch.nn.Linear) and name == "weight"
+                (decay if is_matrix else no_decay).append(param)
+        no_decay.append(self.model.wte.weight)
+        groups = [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        fused = all(p.device.type == "cuda" for p in self.model.parameters())
+        optimizer = torch.optim.AdamW(
+            groups, lr=self.hparams.learning_rate, betas=tuple(self.hparams.betas), fused=fused or None
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int | None:
+        """Optimizer steps in the whole run, or None while the trainer cannot know them yet."""
+        trainer = self.trainer
+        if trainer.max_steps and trainer.max_steps > 0:
+            return trainer.max_steps
+        batches = trainer.num_training_batches
+        if trainer.max_epochs is None or trainer.max_epochs < 0 or not math.isfinite(batches):
+            return None
+        return math.ceil(batches / trainer.accumulate_grad_batches) * trainer.max_epochs
+
+    def _lr_factor(self, step: int) -> float:
+        total = self._total_steps()
+        warmup = self.hparams.warmup
+        if total is None:  # epoch-based run before its data is set up: on_train_start sets the lr again
+            return 1.0 / (warmup + 1) if isinstance(warmup, int) and warmup > 0 else 0.0
+        warmup_steps = round(warmup * total) if isinstance(warmup, float) else warmup
+        min_ratio = self.hparams.min_lr / self.hparams.learning_rate
+        return lr_factor(step, warmup_steps, total, min_ratio)
+
+    def on_train_start(self) -> None:
+        if self._total_steps() is None:
+            raise ValueError(
+                "set trainer.max_steps (or trainer.max_epochs with a finite dataset) to schedule the lr"
+            )
+        # The run's length is known now (also after a resume): set the current lr from it.
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            factor = self._lr_factor(scheduler.last_epoch)
+            for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+                group["lr"] = base_lr * factor
+
+    # Checkpoints: the tokenizer and the model config travel inside ------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["gptlit"] = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "tokenizer": self.tokenizer.to_str() if self.tokenizer is not None else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("gptlit") or {}
+        if saved.get("tokenizer") and self.tokenizer is None:
+            self.tokenizer = Tokenizer.from_str(saved["tokenizer"])
+
+    # Convenience ------------------------------------------------------------------------------------------
+
+    def generate_text(
+        self,
+        prompt: str,
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> str:
+        """Continue ``prompt`` with the KV cache and return the new text (up to ``<eos>``)."""
+        if self.tokenizer is None:
+            raise RuntimeError(
+                "no tokenizer: load the module from a gptlit checkpoint or attach a data module"
+            )
+        tok = self.tokenizer
+        prompt_ids = tok.encode(prompt, bos=True)
+        (new_ids,) = generate(
+            self.model, prompt_ids, max_new_tokens, temperature, top_k, top_p, eos_id=tok.eos_id, seed=seed
+        )
+        return tok.decode(new_ids)

@@ -1,0 +1,85 @@
+"""Run directories and checkpoints: where a run lives, which run to resume, and safe checkpoint loading.
+
+A run lives in ``<root>/lightning_logs/<run_name>/`` with ``config.yaml``, ``hparams.yaml``, the
+TensorBoard event files and ``checkpoints/{last,best}.ckpt``.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LOGS_DIR = "lightning_logs"
+CHECKPOINT_ALIASES = ("last", "best")
+
+
+class UsageError(Exception):
+    """A mistake in how gptlit was called: reported as one line, with what to do about it."""
+
+
+def run_dir(root: str | Path, run_name: str) -> Path:
+    return Path(root) / LOGS_DIR / run_name
+
+
+def latest_run(root: str | Path) -> Path | None:
+    """The run under ``<root>/lightning_logs`` whose config or checkpoints were written last."""
+    logs = Path(root) / LOGS_DIR
+    candidates = []
+    for path in logs.glob("*/config.yaml") if logs.is_dir() else []:
+        stamps = [p.stat().st_mtime for p in (path, *path.parent.glob("checkpoints/*.ckpt"))]
+        candidates.append((max(stamps), path.parent))
+    return max(candidates)[1] if candidates else None
+
+
+def resolve_checkpoint(ckpt_path: str, run: Path | None) -> Path:
+    """Turn ``last``/``best`` (of ``run``) or a file path into an existing checkpoint file."""
+    if ckpt_path in CHECKPOINT_ALIASES:
+        if run is None:
+            raise UsageError(
+                f"--ckpt_path {ckpt_path}: no run found to resume; start one with "
+                "`python -m gptlit fit --config configs/tiny.yaml`"
+            )
+        path = run / "checkpoints" / f"{ckpt_path}.ckpt"
+        if not path.is_file():
+            raise UsageError(
+                f"--ckpt_path {ckpt_path}: {path} does not exist; the run has saved no {ckpt_path} checkpoint "
+                "yet, so start it afresh without --ckpt_path"
+            )
+        return path
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint not found: {path}; give a .ckpt file, or 'last' or 'best'")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a gptlit checkpoint weights-only: a pickle that would run code is refused, never executed."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0]
+        raise UsageError(
+            f"refusing to load {path}: it holds pickled objects that are not plain tensors and could run code "
+            f"({reason}); only load checkpoints written by gptlit"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise UsageError(f"{path} is not a readable checkpoint ({err}); it may be truncated") from None
+    if not isinstance(checkpoint, dict) or "gptlit" not in checkpoint:
+        raise UsageError(
+            f"{path} is not a gptlit checkpoint (it has no 'gptlit' entry); train one with gptlit fit"
+        )
+    return checkpoint
+
+
+def check_same_shape(checkpoint: dict[str, Any], config: dict[str, Any], path: str | Path) -> None:
+    """Refuse to resume a checkpoint into a model of another shape, naming the first field that differs."""
+    saved = checkpoint["gptlit"]["config"]
+    for name, value in saved.items():
+        if name in config and config[name] != value:
+            raise UsageError(
+                f"{path} holds a model with {name}={value}, but the config asks for {name}={config[name]}; "
+                f"resume with the run's own config, or set model.{name}: {value}"
+            )
