@@ -1,0 +1,110 @@
+"""The command line: shipped configs, run directories, and clear one-line errors that lose nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import run_cli, workdir, write_config  # noqa: F401  (workdir is a fixture)
+
+from gptlit.cli import make_cli
+from gptlit.module import GPTLitModule
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_shipped_config_parses_and_instantiates(config: Path, tmp_path: Path) -> None:
+    text = config.read_text()
+    assert "vocab_size" not in text.split("data:")[0], "vocab_size is linked from data; never set it under model"
+    cli = make_cli(["--config", str(config), "--data.data_dir", str(tmp_path / "data")], run=False)
+    assert isinstance(cli.model, GPTLitModule)
+    assert cli.model.config.vocab_size == cli.datamodule.vocab_size  # the link
+    assert cli.datamodule.block_size == cli.model.config.block_size  # the other link
+    assert cli.model.config.embed_dim % cli.model.config.n_heads == 0
+
+
+def _error_line(capsys: pytest.CaptureFixture) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    return lines[-1]
+
+
+def test_ckpt_path_last_with_no_run_is_a_clear_error(workdir: Path, capsys) -> None:  # noqa: F811
+    with pytest.raises(SystemExit) as failed:
+        run_cli("fit", "--ckpt_path", "last")
+    assert failed.value.code == 1
+    assert "no run to resume" in _error_line(capsys)
+    assert not (workdir / "lightning_logs").exists()  # nothing started by mistake
+
+
+def test_unknown_yaml_key_names_the_key(workdir: Path, capsys) -> None:  # noqa: F811
+    config = write_config(workdir)
+    config.write_text(config.read_text().replace("embed_dim:", "embed_dimm:"))
+    with pytest.raises(SystemExit) as failed:
+        run_cli("fit", "--config", str(config))
+    assert failed.value.code != 0
+    assert "embed_dimm" in capsys.readouterr().err
+
+
+def test_wrongly_typed_yaml_value_is_refused(workdir: Path, capsys) -> None:  # noqa: F811
+    config = write_config(workdir)
+    config.write_text(config.read_text().replace("n_layers: 2", "n_layers: two"))
+    with pytest.raises(SystemExit) as failed:
+        run_cli("fit", "--config", str(config))
+    assert failed.value.code != 0
+    assert "n_layers" in capsys.readouterr().err
+
+
+def test_a_second_fresh_run_of_the_same_name_is_refused_and_loses_nothing(workdir: Path, capsys) -> None:  # noqa: F811
+    config = write_config(workdir, max_steps=4)
+    run_cli("fit", "--config", str(config))
+    last = workdir / "lightning_logs" / "run" / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    with pytest.raises(SystemExit) as failed:
+        run_cli("fit", "--config", str(config))
+    assert failed.value.code == 1
+    line = _error_line(capsys)
+    assert "already exists" in line and "--ckpt_path last" in line
+    assert last.read_bytes() == before
+    # --overwrite replaces it on purpose; --run_name starts another.
+    run_cli("fit", "--config", str(config), "--run_name", "second")
+    assert (workdir / "lightning_logs" / "second" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_resuming_into_another_model_shape_is_refused(workdir: Path, capsys) -> None:  # noqa: F811
+    config = write_config(workdir, max_steps=4)
+    run_cli("fit", "--config", str(config))
+    with pytest.raises(SystemExit) as failed:
+        run_cli(
+            "fit", "--config", str(config), "--ckpt_path", "last", "--model.embed_dim", "64", "--trainer.max_steps", "8"
+        )
+    assert failed.value.code == 1
+    assert "embed_dim=32" in _error_line(capsys)
+    ckpt = torch.load(workdir / "lightning_logs" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4
+
+
+def test_resuming_with_a_larger_max_steps_continues_the_run(workdir: Path) -> None:  # noqa: F811
+    config = write_config(workdir, max_steps=4)
+    run_cli("fit", "--config", str(config))
+    run_cli("fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "6")
+    ckpt = torch.load(workdir / "lightning_logs" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6
+
+
+def test_prepare_subcommand_prepares_only_the_data(workdir: Path) -> None:  # noqa: F811
+    config = write_config(workdir)
+    run_cli("prepare", "--config", str(config))
+    assert (workdir / "data" / "meta.json").is_file()
+    assert not (workdir / "lightning_logs").exists()
+
+
+def test_python_dash_m_gptlit_help_lists_the_documented_options() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gptlit", "fit", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for option in ("--model.embed_dim", "--data.source", "--run_name", "--checkpoint.every_n_train_steps"):
+        assert option in out

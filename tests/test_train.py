@@ -1,0 +1,202 @@
+"""Training through the CLI: metrics, checkpoints, exact resume, schedule, accumulation, clipping, bad input."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from conftest import make_stories
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gptlit.cli import cli_main
+from gptlit.data import TinyStoriesDataModule
+from gptlit.module import GPTLitModule, lr_factor
+
+MODEL = {"block_size": 32, "embed_dim": 32, "n_heads": 2, "n_layers": 2, "dropout": 0.0}
+OPTIM = {"learning_rate": 3e-3, "min_lr": 3e-4, "warmup": 4}
+
+
+def write_config(tmp_path: Path, name: str = "run", max_steps: int = 16, **trainer) -> Path:
+    config = {
+        "seed_everything": 7,
+        "trainer": {
+            "max_steps": max_steps,
+            "precision": "32-true",
+            "accelerator": "cpu",
+            "val_check_interval": 8,
+            "check_val_every_n_epoch": None,
+            "limit_val_batches": 2,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "deterministic": True,
+            **trainer,
+        },
+        "model": {**MODEL, **OPTIM},
+        "data": {"source": str(tmp_path / "stories.txt"), "data_dir": str(tmp_path / "data"), "vocab_size": 320},
+        "checkpoint": {"every_n_train_steps": 4},
+    }
+    (tmp_path / "data").mkdir(exist_ok=True)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory with a corpus, where runs land in ./lightning_logs."""
+    text = "".join(f"{story}\n<|endoftext|>\n" for story in make_stories(400))
+    (tmp_path / "stories.txt").write_text(text, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run_cli(*args: str) -> None:
+    cli_main(list(args))
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def params(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+class InterruptAt(L.Callback):
+    """Sends this process SIGINT (a user's Ctrl-C) at the end of optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_fit_trains_logs_and_checkpoints(workdir: Path) -> None:
+    run_cli("fit", "--config", str(write_config(workdir, max_steps=24)))
+    run = workdir / "lightning_logs" / "run"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "checkpoints" / "best.ckpt").is_file()
+    assert (run / "config.yaml").is_file() and (run / "hparams.yaml").is_file()
+    logged = scalars(run)
+    for tag in ("train/loss", "val/loss", "val/ppl", "val/bpb", "train/lr", "train/tokens_per_sec"):
+        assert tag in logged, tag
+    losses = [value for _, value in logged["train/loss"]]
+    assert len(losses) == 24
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5  # it learns
+    val_loss, val_bpb = logged["val/loss"][-1][1], logged["val/bpb"][-1][1]
+    assert val_bpb < val_loss / math.log(2)  # a token spans more than one byte
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 24  # the final step is saved even after earlier checkpoints
+    assert ckpt["gptlit"]["config"]["embed_dim"] == 32 and ckpt["gptlit"]["tokenizer"]
+
+
+def test_interrupted_run_resumes_to_the_same_parameters(workdir: Path) -> None:
+    """Ctrl-C at step 7, then `fit --ckpt_path last` with no config: same weights as a run never stopped."""
+    run_cli("fit", "--config", str(write_config(workdir, name="straight")))
+    config = write_config(workdir, name="cut")
+    stop = '{"class_path": "test_train.InterruptAt", "init_args": {"step": 7}}'
+    with pytest.raises(SystemExit) as stopped:
+        run_cli("fit", "--config", str(config), f"--trainer.callbacks+={stop}")
+    assert stopped.value.code == 130
+    cut = workdir / "lightning_logs" / "cut"
+    assert torch.load(cut / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
+
+    run_cli("fit", "--ckpt_path", "last")  # the most recent run: "cut"
+
+    straight_params = params(workdir / "lightning_logs" / "straight" / "checkpoints" / "last.ckpt")
+    cut_params = params(cut / "checkpoints" / "last.ckpt")
+    for name, tensor in straight_params.items():
+        torch.testing.assert_close(cut_params[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert sorted(p.name for p in (workdir / "lightning_logs").iterdir()) == ["cut", "straight"]
+    logged = scalars(cut)
+    assert [step for step, _ in logged["train/loss"]] == list(range(16))  # one curve, no step twice
+    # The learning rate follows warmup + cosine across the resume, as in the straight run.
+    expected = [OPTIM["learning_rate"] * lr_factor(s, 4, 16, 0.1) for s in range(16)]
+    for logged_lrs in (logged["train/lr"], scalars(workdir / "lightning_logs" / "straight")["train/lr"]):
+        assert [step for step, _ in logged_lrs] == list(range(16))
+        # train/lr is logged after the step, when the scheduler has moved on to the next step's rate.
+        lrs = [value for _, value in logged_lrs]
+        assert lrs == pytest.approx(expected[1:] + [OPTIM["learning_rate"] * 0.1], rel=1e-5)
+
+
+def _first_step_grads(batch_size: int, accumulate: int, clip: float | None = None) -> dict[str, torch.Tensor]:
+    """Gradients the optimizer stepped with first (after accumulation and clipping; zeroed only later)."""
+    grads: dict[str, torch.Tensor] = {}
+
+    class Capture(L.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            def hook(optimizer, args, kwargs) -> None:
+                if not grads:
+                    grads.update({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+
+            trainer.optimizers[0].register_step_post_hook(hook)
+
+    L.seed_everything(0)
+    data = TinyStoriesDataModule(
+        source="stories.txt", data_dir="data", vocab_size=320, block_size=32, batch_size=batch_size
+    )
+    model = GPTLitModule(vocab_size=data.vocab_size, **MODEL, **OPTIM)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=clip,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        callbacks=[Capture()],
+    )
+    trainer.fit(model, datamodule=data)
+    return grads
+
+
+def test_gradient_accumulation_equals_one_big_batch(workdir: Path) -> None:
+    accumulated = _first_step_grads(batch_size=4, accumulate=2)
+    whole = _first_step_grads(batch_size=8, accumulate=1)
+    assert accumulated.keys() == whole.keys() and whole
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_clipping_caps_the_global_norm(workdir: Path) -> None:
+    def norm(grads):
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+
+    unclipped = norm(_first_step_grads(batch_size=8, accumulate=1))
+    clipped = norm(_first_step_grads(batch_size=8, accumulate=1, clip=0.1))
+    assert unclipped > 0.2
+    assert clipped == pytest.approx(0.1, rel=1e-3)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    original = GPTLitModule.model_step
+
+    def poisoned(self, batch):
+        loss = original(self, batch)
+        return loss * float("nan") if self.training and self.global_step >= 9 else loss
+
+    monkeypatch.setattr(GPTLitModule, "model_step", poisoned)
+    with pytest.raises(SystemExit) as failed:
+        run_cli("fit", "--config", str(write_config(workdir)))
+    assert failed.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "nan" in err and "step 9" in err
+    last = torch.load(workdir / "lightning_logs" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 8
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
