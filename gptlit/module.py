@@ -135,6 +135,7 @@ class GPTLitModule(L.LightningModule):
                 "use trainer.precision 32-true, then resume with --ckpt_path last (the last good checkpoint)"
             )
         self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])  # the rate this step uses
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -172,7 +173,6 @@ class GPTLitModule(L.LightningModule):
                 flops = self.model.flops_per_token(batch[0].size(1)) * tokens_per_sec
                 self.log("train/mfu", flops / (self.hparams.peak_flops * self.trainer.world_size))
         self._last_batch_end = now
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
 
     def on_train_epoch_start(self) -> None:
         self._last_batch_end = None  # validation and epoch turnover are not training time
