@@ -1,4 +1,4 @@
-"""The command line: ``python -m gptlit fit|validate|test|predict|prepare``.
+"""The command line: ``python -m gptlit fit|validate|test|predict|prepare|sample|export``.
 
 ``fit`` and friends go through LightningCLI; every run gets a fixed directory
 ``lightning_logs/<run_name>/`` so that ``--ckpt_path last`` finds it again, with or without ``--config``.
@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from jsonargparse import auto_cli
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -20,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gptlit.callbacks import GracefulStop, LastCheckpoint, best_checkpoint
 from gptlit.data import TinyStoriesDataModule
+from gptlit.export import export
 from gptlit.module import GPTLitModule, NonFiniteLossError
 from gptlit.runs import (
     CHECKPOINT_ALIASES,
@@ -30,8 +32,10 @@ from gptlit.runs import (
     resolve_checkpoint,
     run_dir,
 )
+from gptlit.sample import sample
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+FUNCTION_SUBCOMMANDS = {"sample": sample, "export": export}
 
 
 def _option(args: list[str], name: str) -> str | None:
@@ -47,8 +51,7 @@ def _option(args: list[str], name: str) -> str | None:
 def _is_rank_zero() -> bool:
     # Under DDP every process parses the command line; only the first may judge or change run directories.
     return (
-        int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
-        and int(os.environ.get("NODE_RANK", 0)) == 0
+        int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
     )
 
 
@@ -73,9 +76,7 @@ class GPTLitCLI(LightningCLI):
         parser.add_argument(
             "--run_name", type=str | None, default=None, help="Run directory name (default: config stem)"
         )
-        parser.add_argument(
-            "--overwrite", type=bool, default=False, help="Replace an existing run of this name"
-        )
+        parser.add_argument("--overwrite", type=bool, default=False, help="Replace an existing run of this name")
         parser.add_lightning_class_args(LastCheckpoint, "checkpoint")
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.link_arguments("model.block_size", "data.block_size")
@@ -157,6 +158,8 @@ def cli_main(args: list[str] | None = None) -> None:
     try:
         if args and args[0] == "prepare":
             prepare_main(args[1:])
+        elif args and args[0] in FUNCTION_SUBCOMMANDS:
+            auto_cli(FUNCTION_SUBCOMMANDS[args[0]], args=args[1:], as_positional=False)
         elif args and args[0] in LIGHTNING_SUBCOMMANDS:
             make_cli(_add_config_of_latest_run(args))
         else:

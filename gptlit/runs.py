@@ -68,9 +68,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except (RuntimeError, EOFError, OSError) as err:
         raise UsageError(f"{path} is not a readable checkpoint ({err}); it may be truncated") from None
     if not isinstance(checkpoint, dict) or "gptlit" not in checkpoint:
-        raise UsageError(
-            f"{path} is not a gptlit checkpoint (it has no 'gptlit' entry); train one with gptlit fit"
-        )
+        raise UsageError(f"{path} is not a gptlit checkpoint (it has no 'gptlit' entry); train one with gptlit fit")
     return checkpoint
 
 
@@ -83,3 +81,26 @@ def check_same_shape(checkpoint: dict[str, Any], config: dict[str, Any], path: s
                 f"{path} holds a model with {name}={value}, but the config asks for {name}={config[name]}; "
                 f"resume with the run's own config, or set model.{name}: {value}"
             )
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """The GPT (eval mode, on ``device``) and Tokenizer that a gptlit checkpoint carries, loaded weights-only."""
+    from gptlit.config import GPTConfig
+    from gptlit.model import GPT
+    from gptlit.tokenizer import Tokenizer
+
+    checkpoint = load_checkpoint(path)
+    saved = checkpoint["gptlit"]
+    if not saved.get("tokenizer"):
+        raise UsageError(f"{path} carries no tokenizer; it was saved without a data module")
+    model = GPT(GPTConfig(**saved["config"]))
+    prefix = "model."
+    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    model.load_state_dict(state)
+    return model.to(device).eval(), Tokenizer.from_str(saved["tokenizer"])
+
+
+def find_checkpoint(ckpt_path: str, root: str | Path = ".", run_name: str | None = None) -> Path:
+    """A checkpoint file from a path, or from ``last``/``best`` of a named run (default: the latest run)."""
+    run = run_dir(root, run_name) if run_name else latest_run(root)
+    return resolve_checkpoint(ckpt_path, run)

@@ -1,0 +1,75 @@
+"""``python -m gptlit export``: a checkpoint as a Hugging Face ``GPTNeoXForCausalLM`` directory.
+
+The directory loads with ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``
+without gptlit installed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from gptlit.hf_mapping import neox_config_dict, to_neox_state_dict
+from gptlit.runs import UsageError, find_checkpoint, load_model
+from gptlit.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN
+
+
+def write_hf_dir(model, tokenizer, out_dir: Path) -> None:
+    """Write config, weights (safetensors) and tokenizer files of ``model`` into ``out_dir``."""
+    config = model.config
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    hf_config = neox_config_dict(config, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
+    (out_dir / "generation_config.json").write_text(json.dumps(ids, indent=2))
+    weights = to_neox_state_dict(model.state_dict(), config)
+    save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save(out_dir / "tokenizer.json")
+    specials = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": config.block_size,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        **specials,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+
+
+def export(
+    ckpt_path: str,
+    out_dir: str,
+    overwrite: bool = False,
+    run_name: str | None = None,
+    root_dir: str = ".",
+) -> None:
+    """Export a checkpoint to a Hugging Face transformers directory (GPT-NeoX architecture).
+
+    Args:
+        ckpt_path: A ``.ckpt`` file, or ``last`` / ``best`` of a run (the most recent run unless --run_name).
+        out_dir: The directory to write; it must not exist yet unless --overwrite.
+        overwrite: Replace ``out_dir`` if it exists.
+        run_name: The run whose ``last``/``best`` checkpoint to use.
+        root_dir: The directory holding ``lightning_logs/``.
+    """
+    target = Path(out_dir)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise UsageError(f"{target} exists and is not empty; choose another --out_dir or pass --overwrite true")
+    path = find_checkpoint(ckpt_path, root_dir, run_name)
+    model, tokenizer = load_model(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and renamed into place: an interrupted export leaves no half directory.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write_hf_dir(model, tokenizer, staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"exported {path} to {target} (GPTNeoXForCausalLM)")

@@ -1,0 +1,125 @@
+"""``python -m gptlit sample``: stories from a checkpoint, streamed to the terminal as they are written."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from gptlit.generate import generate
+from gptlit.model import GPT
+from gptlit.runs import find_checkpoint, load_model
+from gptlit.tokenizer import Tokenizer
+
+
+class TextStream:
+    """Prints the text of growing token ids, holding back a character whose UTF-8 bytes are still incomplete."""
+
+    def __init__(self, tokenizer: Tokenizer, out=sys.stdout) -> None:
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def __call__(self, row: int, token: int) -> None:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+            return
+        self.out.write(text[self.printed :])
+        self.out.flush()
+        self.printed = len(text)
+
+
+def write_story(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+    out=sys.stdout,
+) -> int:
+    """Stream one continuation of ``prompt`` to ``out``; returns the number of new tokens."""
+    out.write(prompt)
+    stream = TextStream(tokenizer, out)
+    (new_ids,) = generate(
+        model,
+        tokenizer.encode(prompt, bos=True),
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=tokenizer.eos_id,
+        seed=seed,
+        on_token=stream,
+    )
+    out.write(tokenizer.decode(new_ids)[stream.printed :] + "\n")
+    return len(new_ids)
+
+
+def sample(
+    ckpt_path: str = "last",
+    prompt: str = "Once upon a time",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 40,
+    top_p: float | None = 0.95,
+    seed: int | None = None,
+    num_samples: int = 1,
+    interactive: bool = False,
+    device: str = "auto",
+    run_name: str | None = None,
+    root_dir: str = ".",
+) -> None:
+    """Write stories with a trained model.
+
+    Args:
+        ckpt_path: A ``.ckpt`` file, or ``last`` / ``best`` of a run (the most recent run unless --run_name).
+        prompt: The story's beginning; an empty prompt starts from ``<bos>``.
+        max_new_tokens: Tokens to write per story, fewer if the model ends the story (``<eos>``).
+        temperature: Softmax temperature; 0 is greedy.
+        top_k: Sample among the k most likely tokens only.
+        top_p: Sample among the most likely tokens holding top_p of the probability only.
+        seed: Seed for reproducible stories (sample i uses seed + i).
+        num_samples: Stories to write.
+        interactive: Read prompts from the terminal until ``quit``, end of input or Ctrl-C.
+        device: ``cpu``, ``cuda``, ``cuda:1``... or ``auto`` (a GPU when there is one).
+        run_name: The run whose ``last``/``best`` checkpoint to use.
+        root_dir: The directory holding ``lightning_logs/``.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = find_checkpoint(ckpt_path, root_dir, run_name)
+    model, tokenizer = load_model(path, device)
+
+    def write(text: str, count: int) -> None:
+        start, tokens = time.perf_counter(), 0
+        for i in range(count):
+            if count > 1:
+                print(f"--- sample {i + 1} ---")
+            story_seed = None if seed is None else seed + i
+            tokens += write_story(model, tokenizer, text, max_new_tokens, temperature, top_k, top_p, story_seed)
+        elapsed = time.perf_counter() - start
+        print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s on {device}]", file=sys.stderr)
+
+    if not interactive:
+        write(prompt, num_samples)
+        return
+    print(f"{path}: type a story's beginning; 'quit' or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            text = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if text.strip() == "quit":
+            return
+        try:
+            write(text, num_samples)
+        except KeyboardInterrupt:
+            print("\n[stopped]", file=sys.stderr)
