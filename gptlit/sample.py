@@ -16,8 +16,8 @@ from gptlit.tokenizer import Tokenizer
 class TextStream:
     """Prints the text of growing token ids, holding back a character whose UTF-8 bytes are still incomplete."""
 
-    def __init__(self, tokenizer: Tokenizer, out=sys.stdout) -> None:
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer: Tokenizer, out=None) -> None:
+        self.tokenizer, self.out = tokenizer, out or sys.stdout
         self.ids: list[int] = []
         self.printed = 0
 
@@ -40,9 +40,10 @@ def write_story(
     top_k: int | None,
     top_p: float | None,
     seed: int | None,
-    out=sys.stdout,
+    out=None,
 ) -> int:
-    """Stream one continuation of ``prompt`` to ``out``; returns the number of new tokens."""
+    """Stream one continuation of ``prompt`` to ``out`` (default stdout); returns the number of new tokens."""
+    out = out or sys.stdout
     out.write(prompt)
     stream = TextStream(tokenizer, out)
     (new_ids,) = generate(

@@ -1,0 +1,157 @@
+"""`gptlit sample`: stories from a trained checkpoint, reproducible, streamed, and safe to load."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import run_cli, write_config
+
+from gptlit.runs import load_model
+from gptlit.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding one short training run of a tiny model ("run"), trained once for this module."""
+    from conftest import make_stories
+
+    root = tmp_path_factory.mktemp("trained")
+    text = "".join(f"{story}\n<|endoftext|>\n" for story in make_stories(400))
+    (root / "stories.txt").write_text(text, encoding="utf-8")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        run_cli("fit", "--config", str(write_config(root, max_steps=40)))
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def in_trained(trained: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(trained)
+    return trained
+
+
+def sample_out(capsys, *args: str) -> tuple[str, str]:
+    capsys.readouterr()
+    run_cli("sample", *args)
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def test_sample_writes_a_story_and_reports_speed(in_trained: Path, capsys) -> None:
+    out, err = sample_out(capsys, "--ckpt_path", "last", "--prompt", "Lily", "--max_new_tokens", "30", "--seed", "0")
+    assert out.startswith("Lily") and len(out.strip()) > len("Lily")
+    assert "tokens/s" in err
+    reported = int(err.split("[")[1].split(" tokens")[0])
+    assert 1 <= reported <= 30
+
+
+def test_same_seed_same_story_other_seed_other_story(in_trained: Path, capsys) -> None:
+    args = ("--ckpt_path", "best", "--max_new_tokens", "40", "--temperature", "1.0", "--top_k", "null")
+    first, _ = sample_out(capsys, *args, "--seed", "3")
+    again, _ = sample_out(capsys, *args, "--seed", "3")
+    other, _ = sample_out(capsys, *args, "--seed", "4")
+    assert first == again
+    assert first != other
+
+
+def test_num_samples_writes_each_sample(in_trained: Path, capsys) -> None:
+    out, _ = sample_out(capsys, "--num_samples", "3", "--max_new_tokens", "10", "--seed", "1")
+    assert out.count("--- sample") == 3
+
+
+def test_streamed_text_equals_the_decoded_story(in_trained: Path) -> None:
+    from gptlit.generate import generate
+    from gptlit.sample import write_story
+
+    model, tokenizer = load_model(in_trained / "lightning_logs" / "run" / "checkpoints" / "last.ckpt")
+    out = io.StringIO()
+    write_story(model, tokenizer, "Tom", 50, 1.0, None, None, 5, out=out)
+    (ids,) = generate(model, tokenizer.encode("Tom", bos=True), 50, temperature=1.0, eos_id=tokenizer.eos_id, seed=5)
+    assert out.getvalue() == "Tom" + tokenizer.decode(ids) + "\n"
+    assert tokenizer.eos_id not in ids and len(ids) <= 50
+
+
+def test_prompt_longer_than_block_size_and_empty_prompt_work(in_trained: Path, capsys) -> None:
+    long_prompt = "Lily saw the big red ball in the park and ran to it. " * 10  # > 32 tokens of block_size
+    out, _ = sample_out(capsys, "--prompt", long_prompt, "--max_new_tokens", "40", "--seed", "0")
+    assert out.startswith(long_prompt) and len(out) > len(long_prompt)
+    out, _ = sample_out(capsys, "--prompt", "", "--max_new_tokens", "20", "--seed", "0")
+    assert out.strip()
+
+
+def test_interactive_loop_ends_on_quit_and_on_end_of_input(
+    in_trained: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("Mia\nquit\nnever read\n"))
+    out, _ = sample_out(capsys, "--interactive", "true", "--max_new_tokens", "5", "--seed", "0")
+    assert "Mia" in out and "never read" not in out
+    monkeypatch.setattr("sys.stdin", io.StringIO("Ben\n"))  # then end of input
+    out, _ = sample_out(capsys, "--interactive", "true", "--max_new_tokens", "5", "--seed", "0")
+    assert "Ben" in out
+
+
+class _RunsCode:
+    """Unpickling this calls os.mkdir(path): the stand-in for a malicious checkpoint's payload."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: {"state_dict": {}, "gptlit": {}, "payload": _RunsCode(str(d / "pwned"))}, "refusing to load"),
+        (lambda d: {"state_dict": {"weight": torch.zeros(2)}}, "not a gptlit checkpoint"),
+    ],
+    ids=["pickle-that-runs-code", "not-gptlit"],
+)
+def test_bad_checkpoints_are_refused(tmp_path: Path, capsys, make, message: str) -> None:
+    path = tmp_path / "bad.ckpt"
+    torch.save(make(tmp_path), path)
+    with pytest.raises(SystemExit) as failed:
+        run_cli("sample", "--ckpt_path", str(path))
+    assert failed.value.code == 1
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "pwned").exists()  # the payload never ran
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--ckpt_path", "missing.ckpt"), "checkpoint not found"),
+        (("--temperature", "-1"), "temperature"),
+        (("--top_p", "1.5"), "top_p"),
+        (("--top_p", "0"), "top_p"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(in_trained: Path, capsys, args, message: str) -> None:
+    with pytest.raises(SystemExit) as failed:
+        run_cli("sample", *args)
+    assert failed.value.code == 1
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_ckpt_path_last_without_any_run_is_a_clear_error(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as failed:
+        run_cli("sample", "--ckpt_path", "last")
+    assert failed.value.code == 1
+    assert "no run found" in capsys.readouterr().err
+
+
+def test_checkpoint_carries_config_and_tokenizer(in_trained: Path) -> None:
+    path = in_trained / "lightning_logs" / "run" / "checkpoints" / "last.ckpt"
+    model, tokenizer = load_model(path)
+    prepared = Tokenizer.from_file(in_trained / "data" / "tokenizer.json")
+    assert tokenizer.sha256 == prepared.sha256
+    assert model.config.embed_dim == 32 and not model.training
