@@ -25,6 +25,7 @@ from gptlit.export import export
 from gptlit.module import GPTLitModule, NonFiniteLossError
 from gptlit.runs import (
     CHECKPOINT_ALIASES,
+    AtomicCheckpointIO,
     UsageError,
     check_same_shape,
     latest_run,
@@ -98,6 +99,8 @@ class GPTLitCLI(LightningCLI):
             check_same_shape(checkpoint, dict(config.model), path)
             self.resume_step = checkpoint.get("global_step", 0)
             config.ckpt_path = str(path)
+            if config.get("weights_only") is None:
+                config.weights_only = True  # Lightning's own load: tensors and plain types only, no code
         elif self.subcommand == "fit" and _is_rank_zero() and (self.run_dir / "config.yaml").exists():
             if not config.overwrite:
                 raise UsageError(
@@ -118,6 +121,8 @@ class GPTLitCLI(LightningCLI):
                 # After a kill, drop events logged past the checkpoint so the curve stays one line.
                 purge_step=self.resume_step or None,
             )
+        if not config.trainer.plugins:
+            kwargs["plugins"] = [AtomicCheckpointIO()]
         trainer = super().instantiate_trainer(**kwargs)
         extra = [best_checkpoint(), GracefulStop()]
         if config.trainer.enable_progress_bar is not False and not any(
