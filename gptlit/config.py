@@ -42,9 +42,7 @@ class GPTConfig:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.embed_dim % self.n_heads:
-            raise ValueError(
-                f"GPTConfig.embed_dim ({self.embed_dim}) must be divisible by n_heads ({self.n_heads})"
-            )
+            raise ValueError(f"GPTConfig.embed_dim ({self.embed_dim}) must be divisible by n_heads ({self.n_heads})")
         if self.use_rope and self.head_size % 2:
             raise ValueError(
                 f"GPTConfig: RoPE needs an even head size, got embed_dim/n_heads = {self.head_size}; "

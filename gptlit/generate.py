@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -49,9 +50,7 @@ def _check_args(rows, vocab_size, max_new_tokens, temperature, top_k, top_p) -> 
         raise ValueError("prompt_ids must hold at least one token per prompt (start from the <bos> id)")
     bad = [t for row in rows for t in row if not 0 <= t < vocab_size]
     if bad:
-        raise ValueError(
-            f"prompt_ids holds token id {bad[0]}, outside the model's vocabulary [0, {vocab_size})"
-        )
+        raise ValueError(f"prompt_ids holds token id {bad[0]}, outside the model's vocabulary [0, {vocab_size})")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
@@ -80,7 +79,9 @@ def generate_stream(
     same positions it would alone, with no padding inside attention.
 
     When the context reaches block_size, the last block_size // 2 tokens are kept, fed again from
-    position 0 to refill the cache, and generation goes on.
+    position 0 to refill the cache, and generation goes on. Where the window starts is a function of
+    the sequence length alone (a prompt longer than block_size is cut on the same schedule), so a row
+    in a batch slides exactly when it would alone.
     """
     rows = _as_rows(prompt_ids)
     config = model.config
@@ -97,8 +98,13 @@ def generate_stream(
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     window, keep = config.block_size, max(1, config.block_size // 2)
+    stride = window + 1 - keep  # the window moves by this much each time it is full
     new_counts = [0] * B
     done = [False] * B
+
+    def window_start(length: int) -> int:
+        """First token the cache holds once it must hold tokens[:, :length]: 0, then a multiple of stride."""
+        return stride * -(-max(0, length - window) // stride)
 
     def prefill(start: int, end: int) -> torch.Tensor:
         """Feed tokens[:, start:end] at positions 0.. into a fresh cache; logits of the last, (B, V)."""
@@ -110,7 +116,7 @@ def generate_stream(
     model.set_kv_cache(B, window, device=device)
     try:
         cur = int(lengths.min())
-        start = max(0, cur - window)  # the cache holds tokens[:, start:cur] at positions 0..
+        start = window_start(cur)  # the cache holds tokens[:, start:cur] at positions 0..
         logits = prefill(start, cur)
         while True:
             next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -133,7 +139,7 @@ def generate_stream(
             if all(done):
                 return
             if cur - start > window:  # no room for tokens[:, cur - 1]: slide the window
-                start = cur - keep
+                start = window_start(cur)  # = cur - keep
                 logits = prefill(start, cur)
             else:
                 input_pos = torch.tensor([cur - 1 - start], device=device)
@@ -171,9 +177,12 @@ def generate(
     rows = _as_rows(prompt_ids)
     out: list[list[int]] = [[] for _ in rows]
     stream = generate_stream(model, rows, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
-    for step in stream:
-        for i, token in step.items():
-            out[i].append(token)
-            if on_token is not None:
-                on_token(i, token)
+    # closing: if on_token raises, the stream's cleanup (cache cleared, train mode back) runs now,
+    # not whenever the traceback that holds the suspended generator is freed.
+    with contextlib.closing(stream):
+        for step in stream:
+            for i, token in step.items():
+                out[i].append(token)
+                if on_token is not None:
+                    on_token(i, token)
     return out

@@ -262,8 +262,9 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward): 6N + 12·n_layers·T·C.
 
-        N counts the weights used in matrix products, the tied head included and the position table
-        not; the second term is the attention scores and their weighted sum (PaLM, appendix B).
+        N is every parameter but the position table, the tied head counted as a matrix product (biases and
+        norm gains add a negligible 0.1%); the second term is the attention scores and their weighted sum
+        (PaLM, appendix B).
         """
         T = seq_len or self.config.block_size
         n_matmul = self.num_params(non_embedding=True) + self.wte.weight.numel()

@@ -50,9 +50,7 @@ class Tokenizer:
         except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
             if isinstance(err, ValueError) and "gptlit" in str(err):
                 raise
-            raise ValueError(
-                f"{path} is not a valid tokenizer.json ({err}); delete it to train a new one"
-            ) from err
+            raise ValueError(f"{path} is not a valid tokenizer.json ({err}); delete it to train a new one") from err
 
     @classmethod
     def from_str(cls, serialized: str) -> Tokenizer:
@@ -112,9 +110,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000) -> Tokenizer:
     """
     minimum = len(SPECIAL_TOKENS) + 256
     if vocab_size < minimum:
-        raise ValueError(
-            f"vocab_size must be at least {minimum} (3 special tokens + 256 bytes), got {vocab_size}"
-        )
+        raise ValueError(f"vocab_size must be at least {minimum} (3 special tokens + 256 bytes), got {vocab_size}")
     hf = HFTokenizer(models.BPE())
     # add_prefix_space=False keeps decode(encode(s)) == s exactly.
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
