@@ -1,15 +1,24 @@
-"""Callbacks: checkpoints a run can always resume from, and a clean stop on Ctrl-C."""
+"""Callbacks: checkpoints a run can always resume from, a clean stop on Ctrl-C, and stories in TensorBoard."""
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import threading
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from gptlit.generate import generate
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -34,9 +43,7 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save_last_if_behind(trainer)
 
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # SIGTERMException is raised between batches, so the state is a consistent end-of-step state.
         if isinstance(exception, SIGTERMException):
             self._save_last_if_behind(trainer)
@@ -85,7 +92,100 @@ class GracefulStop(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
 
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()
+
+
+DEFAULT_PROMPTS = ("Once upon a time", "Lily and Ben went to the park.", "The little dog")
+
+# Characters that TensorBoard's markdown would read as formatting (it escapes HTML itself).
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]>#])")
+
+
+def _escape_markdown(text: str) -> str:
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
+def sample_markdown(prompt: str, continuation: str) -> str:
+    """A sample as TensorBoard markdown: the prompt in bold, then the model's text, line breaks kept."""
+    text = f"**{_escape_markdown(prompt)}**{_escape_markdown(continuation)}"
+    return text.replace("\n", "  \n")  # two trailing spaces: a hard line break in markdown
+
+
+class TextSamples(L.Callback):
+    """Writes a few stories to TensorBoard (the Text tab) after validation, to read how the model sounds.
+
+    Each prompt is continued with the same seed every time, so samples of one run differ only because the
+    weights changed. Sampling uses a private random generator: training goes on exactly as without this
+    callback. Only rank 0 samples, and only into a ``TensorBoardLogger``.
+
+    Args:
+        prompts: Beginnings of the stories; sample ``i`` is logged as ``samples/i``.
+        max_new_tokens: Tokens to write per story, fewer if the model ends it (``<eos>``).
+        temperature: Softmax temperature; 0 is greedy.
+        top_k: Sample among the k most likely tokens only (None: all).
+        seed: Seed of the sampling generator.
+        every_n_validations: Sample at the first validation and every n-th after it (counted from the
+            start of this process, so a resumed run samples at its first validation again).
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str] = DEFAULT_PROMPTS,
+        max_new_tokens: int = 100,
+        temperature: float = 0.8,
+        top_k: int | None = 40,
+        seed: int = 0,
+        every_n_validations: int = 1,
+    ) -> None:
+        if every_n_validations < 1:
+            raise ValueError(f"every_n_validations must be >= 1, got {every_n_validations}")
+        self.prompts = list(prompts)
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_k = top_k
+        self.seed = seed
+        self.every_n_validations = every_n_validations
+        self._validations = 0
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        due = self._validations % self.every_n_validations == 0
+        self._validations += 1
+        tokenizer = getattr(pl_module, "tokenizer", None)
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+        if not (due and trainer.is_global_zero and loggers and tokenizer is not None):
+            return
+        for i, prompt in enumerate(self.prompts):
+            # generate restores the model's train/eval mode and, with a seed, leaves the global RNG alone.
+            (new_ids,) = generate(
+                pl_module.model,
+                tokenizer.encode(prompt, bos=True),
+                self.max_new_tokens,
+                temperature=self.temperature,
+                top_k=self.top_k,
+                eos_id=tokenizer.eos_id,
+                seed=self.seed,
+            )
+            text = sample_markdown(prompt, tokenizer.decode(new_ids))
+            for logger in loggers:
+                logger.experiment.add_text(f"samples/{i}", text, global_step=trainer.global_step)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside it, syncs it to disk, then renames it into place.
+
+    A process killed mid-write leaves the previous checkpoint intact (a rename within a directory is atomic);
+    Lightning's own writer stages the file in the system temp directory, which may be another file system.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.partial")
+        with open(staging, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, path)

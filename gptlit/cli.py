@@ -19,13 +19,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from gptlit.callbacks import GracefulStop, LastCheckpoint, best_checkpoint
+from gptlit.callbacks import AtomicCheckpointIO, GracefulStop, LastCheckpoint, best_checkpoint
 from gptlit.data import TinyStoriesDataModule
 from gptlit.export import export
 from gptlit.module import GPTLitModule, NonFiniteLossError
 from gptlit.runs import (
     CHECKPOINT_ALIASES,
-    AtomicCheckpointIO,
     UsageError,
     check_same_shape,
     latest_run,

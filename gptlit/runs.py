@@ -6,13 +6,11 @@ TensorBoard event files and ``checkpoints/{last,best}.ckpt``.
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 LOGS_DIR = "lightning_logs"
 CHECKPOINT_ALIASES = ("last", "best")
@@ -20,24 +18,6 @@ CHECKPOINT_ALIASES = ("last", "best")
 
 class UsageError(Exception):
     """A mistake in how gptlit was called: reported as one line, with what to do about it."""
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file beside it, syncs it to disk, then renames it into place.
-
-    A process killed mid-write leaves the previous checkpoint intact (a rename within a directory is atomic);
-    Lightning's own writer stages the file in the system temp directory, which may be another file system.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.partial")
-        with open(staging, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(staging, path)
 
 
 def run_dir(root: str | Path, run_name: str) -> Path:
