@@ -21,9 +21,7 @@ def build_norm(config: GPTConfig) -> nn.Module:
     return nn.LayerNorm(config.embed_dim, eps=1e-5, bias=config.bias)
 
 
-def build_rope_cache(
-    seq_len: int, head_size: int, base: float = 10000.0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def build_rope_cache(seq_len: int, head_size: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (seq_len, head_size), in the rotate-half layout of GPT-NeoX and Llama.
 
     Channel i and channel i + head_size/2 form one rotating pair, with frequency base^(-2i/head_size).
@@ -47,17 +45,13 @@ class KVCache(nn.Module):
     The buffers are non-persistent: they never enter a state_dict or a checkpoint.
     """
 
-    def __init__(
-        self, batch_size: int, n_heads: int, max_seq_len: int, head_size: int, device, dtype
-    ) -> None:
+    def __init__(self, batch_size: int, n_heads: int, max_seq_len: int, head_size: int, device, dtype) -> None:
         super().__init__()
         shape = (batch_size, n_heads, max_seq_len, head_size)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def forward(
-        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, nh, T, hs) at positions input_pos (T,); return the whole cache (B, nh, L, hs)."""
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
@@ -98,9 +92,7 @@ class CausalSelfAttention(nn.Module):
             )  # (B, nh, T, hs)
         else:
             if self.kv_cache is None:
-                raise RuntimeError(
-                    "forward with input_pos needs a KV cache: call model.set_kv_cache(batch_size)"
-                )
+                raise RuntimeError("forward with input_pos needs a KV cache: call model.set_kv_cache(batch_size)")
             k, v = self.kv_cache(input_pos, k, v)  # (B, nh, L, hs)
             # mask (T, L') is True where a query may attend; the cache is cut to the L' positions it covers.
             k, v = k[:, :, : mask.size(-1)], v[:, :, : mask.size(-1)]
@@ -193,9 +185,7 @@ class GPT(nn.Module):
             mask = None
         else:
             if self.causal_mask is None:
-                raise RuntimeError(
-                    "forward with input_pos needs a KV cache: call model.set_kv_cache(batch_size)"
-                )
+                raise RuntimeError("forward with input_pos needs a KV cache: call model.set_kv_cache(batch_size)")
             pos = input_pos
             # Row p of the causal mask lets a query at position p see keys 0..p; keys past the last
             # position are never needed, so the mask (and the cache read) stops there.
@@ -287,8 +277,6 @@ class GPT(nn.Module):
 
         if token_ids.dim() == 1:
             token_ids = token_ids.unsqueeze(0)
-        new = generate(
-            self, token_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
-        )
+        new = generate(self, token_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         new_ids = torch.tensor(new, dtype=token_ids.dtype, device=token_ids.device)  # (B, max_new_tokens)
         return torch.cat((token_ids, new_ids.view(token_ids.size(0), -1)), dim=1)

@@ -75,9 +75,7 @@ class GPTLitModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if isinstance(warmup, float) and not 0.0 <= warmup < 1.0:
-            raise ValueError(
-                f"warmup as a fraction must be in [0, 1), got {warmup}; give an int for a step count"
-            )
+            raise ValueError(f"warmup as a fraction must be in [0, 1), got {warmup}; give an int for a step count")
         if isinstance(warmup, int) and warmup < 0:
             raise ValueError(f"warmup must be >= 0 steps, got {warmup}")
         if not 0 <= min_lr <= learning_rate:
@@ -227,9 +225,7 @@ class GPTLitModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         if self._total_steps() is None:
-            raise ValueError(
-                "set trainer.max_steps (or trainer.max_epochs with a finite dataset) to schedule the lr"
-            )
+            raise ValueError("set trainer.max_steps (or trainer.max_epochs with a finite dataset) to schedule the lr")
         # The run's length is known now (also after a resume): set the current lr from it.
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
@@ -264,9 +260,7 @@ class GPTLitModule(L.LightningModule):
     ) -> str:
         """Continue ``prompt`` with the KV cache and return the new text (up to ``<eos>``)."""
         if self.tokenizer is None:
-            raise RuntimeError(
-                "no tokenizer: load the module from a gptlit checkpoint or attach a data module"
-            )
+            raise RuntimeError("no tokenizer: load the module from a gptlit checkpoint or attach a data module")
         tok = self.tokenizer
         prompt_ids = tok.encode(prompt, bos=True)
         (new_ids,) = generate(
