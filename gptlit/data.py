@@ -1,0 +1,357 @@
+"""TinyStoriesDataModule: prepared token files served as shuffled, resumable windows of ``block_size + 1`` tokens.
+
+Preparation (corpus -> tokenizer and token files) lives in :mod:`gptlit.prepare`, reading sources in
+:mod:`gptlit.sources`; this file holds what training touches: the window dataset, the sampler, the resumable
+DataLoader and the DataModule that ties them to Lightning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from gptlit.prepare import (
+    TOKENIZER_FILE,
+    check_bin,
+    offsets_path,
+    prepare_dataset,
+    read_meta,
+    redo_hint,
+    token_dtype,
+)
+from gptlit.sources import DataError
+from gptlit.tokenizer import Tokenizer
+
+__all__ = ["DataError", "ResumableDataLoader", "TinyStoriesDataModule", "TokenWindows", "WindowSampler", "token_dtype"]
+
+# The id check on setup reads at most this many tokens per split: all of a small file, spaced chunks of a big one.
+ID_CHECK_TOKENS = 1 << 20
+
+
+def window_starts(n_tokens: int, block_size: int, story_offsets: np.ndarray | None = None) -> np.ndarray:
+    """Start of every window of ``block_size + 1`` tokens that fits in a split of ``n_tokens``.
+
+    Window i starts at ``i * block_size``, so consecutive windows share one token (the last target of one is
+    the first input of the next) and every token but the first is a target exactly once per epoch. With
+    ``story_offsets``, windows start at story starts instead; they then overlap and run on into the next story.
+    """
+    if story_offsets is None:
+        return np.arange((n_tokens - 1) // block_size, dtype=np.int64) * block_size
+    return np.asarray(story_offsets[story_offsets + block_size + 1 <= n_tokens], dtype=np.int64)
+
+
+def check_ids(path: Path, dtype: np.dtype, n_tokens: int, vocab_size: int, data_dir: str | Path) -> None:
+    """Raise DataError if a sample of the ids in ``path`` (all of them, for a small file) reaches ``vocab_size``."""
+    tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
+    if n_tokens <= ID_CHECK_TOKENS:
+        chunks = [tokens]
+    else:
+        size = ID_CHECK_TOKENS // 64
+        chunks = [tokens[s : s + size] for s in np.linspace(0, n_tokens - size, 64, dtype=np.int64)]
+    top = max(int(c.max()) for c in chunks)
+    if top >= vocab_size:
+        raise DataError(
+            f"{path} holds token id {top}, not below the vocabulary size {vocab_size}; {redo_hint(data_dir)}"
+        )
+
+
+class TokenWindows(Dataset):
+    """Item i is ``(x, y)``: int64 tensors of ``block_size`` tokens from the window at ``starts[i]``, y = x shifted.
+
+    The file is memory-mapped afresh for each batch (``__getitems__``) and never kept: a memmap held for a
+    whole run lets resident memory grow towards the file size, and nothing is open when workers fork.
+    """
+
+    def __init__(self, path: str | Path, dtype: np.dtype, starts: np.ndarray, block_size: int) -> None:
+        self.path, self.dtype, self.starts, self.block_size = str(path), np.dtype(dtype), starts, block_size
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
+        rows = np.stack([tokens[s : s + self.block_size + 1] for s in self.starts[indices]])  # (B, T + 1)
+        del tokens
+        rows = torch.from_numpy(rows.astype(np.int64))
+        return [(row[:-1], row[1:]) for row in rows]  # default_collate stacks them into (B, T) and (B, T)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.__getitems__([index])[0]
+
+
+class WindowSampler(Sampler[int]):
+    """This rank's share of a seeded permutation of windows, from position ``start`` on.
+
+    The order is a pure function of ``(seed, epoch, rank, world_size)``: the permutation of all windows is drawn
+    from ``default_rng([seed, epoch])``, its tail cut so every rank gets the same count, and rank r takes every
+    ``world_size``-th element from r on, so ranks never share a window.
+    """
+
+    def __init__(self, num_windows: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.num_windows, self.seed, self.rank, self.world_size = num_windows, seed, rank, world_size
+        self.epoch = 0
+        self.start = 0  # samples of this epoch already handed out (set when resuming)
+
+    def __len__(self) -> int:
+        return self.num_windows // self.world_size
+
+    def order(self, epoch: int) -> np.ndarray:
+        permutation = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+        return permutation[self.rank : len(self) * self.world_size : self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order(self.epoch)[self.start :].tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """A training DataLoader that knows its epoch and how many batches it has handed out in it.
+
+    Lightning saves ``state_dict()`` of the train DataLoader itself into checkpoints and calls
+    ``load_state_dict()`` before it creates the resumed iterator, so a resumed run continues with exactly the
+    batches an uninterrupted run would have seen. The first ``iter()`` after construction or
+    ``load_state_dict()`` continues where that state left off (a state saved after an epoch's last batch goes
+    on with the next epoch); any later ``iter()`` starts an epoch afresh: the one ``current_epoch()`` names,
+    or, without it, the next one.
+
+    Args:
+        dataset: The windows to batch.
+        sampler: Picks the order of the windows; the loader sets its epoch and start.
+        current_epoch: The trainer's epoch, when there is a trainer. Lightning may call ``iter()`` twice at
+            the start of an epoch (``reload_dataloaders_every_n_epochs``), so counting calls is not enough.
+        **kwargs: Passed on to :class:`torch.utils.data.DataLoader` (``batch_size``, ``num_workers``, ...).
+    """
+
+    def __init__(
+        self, dataset: Dataset, sampler: WindowSampler, current_epoch: Callable[[], int] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(dataset, sampler=sampler, drop_last=True, **kwargs)
+        self._current_epoch = current_epoch
+        self.epoch = current_epoch() if current_epoch is not None else 0
+        self.batches = 0  # batches handed out in this epoch
+        self._continue = True  # the next iter() continues (epoch, batches) instead of starting an epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches": self.batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.epoch, self.batches = int(state_dict["epoch"]), int(state_dict["batches"])
+        self._continue = True
+
+    def __iter__(self) -> Iterator[Any]:
+        if not self._continue:
+            self.epoch = self._current_epoch() if self._current_epoch is not None else self.epoch + 1
+            self.batches = 0
+        elif self.batches >= len(self):
+            self.epoch, self.batches = self.epoch + 1, 0
+        self._continue = False
+        self.sampler.epoch, self.sampler.start = self.epoch, self.batches * self.batch_size
+        return self._count(super().__iter__())
+
+    def _count(self, batches: Iterator[Any]) -> Iterator[Any]:
+        # Counted in the main process as each batch is handed over (worker prefetch does not count), and
+        # before the yield: once the caller holds batch k, state_dict() says k.
+        for batch in batches:
+            self.batches += 1
+            yield batch
+
+
+class TinyStoriesDataModule(L.LightningDataModule):
+    """TinyStories (or any corpus of short texts) as windows of tokens for next-token prediction.
+
+    ``prepare_data`` turns the source into ``data_dir`` (tokenizer.json, train.bin, val.bin, meta.json) once;
+    later runs with the same settings find it up to date. Batches are ``(x, y)``, int64 ``(batch_size,
+    block_size)`` each, with y = x shifted by one token; the training order is resumable mid-epoch.
+
+    Args:
+        source: A Hugging Face Hub dataset id, or local data: a ``.txt`` in the official TinyStories layout
+            (stories separated by a line ``<|endoftext|>``), ``.jsonl``/``.json`` with a ``text`` field,
+            ``.parquet``, a directory of such files, or a glob.
+        data_dir: Where the tokenizer and token files are written and read.
+        vocab_size: Tokenizer size to train, and the vocabulary size the model is built with. None: take it
+            from the existing tokenizer (``tokenizer_path``, else ``data_dir/tokenizer.json``).
+        tokenizer_path: Use this tokenizer.json instead of training one.
+        tokenizer_train_stories: Train the tokenizer on the first this many training stories (None: all).
+        val_fraction: Share of stories held out for validation (at least one) when the source has no
+            validation split of its own; which stories is fixed by ``seed``.
+        block_size: Tokens per training example (the model's context length).
+        batch_size: Examples per batch, per device.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        seed: Seeds the held-out split and the per-epoch shuffling of training windows.
+        align_to_stories: Start training windows at story starts instead of every ``block_size`` tokens.
+    """
+
+    def __init__(
+        self,
+        source: str = "roneneldan/TinyStories",
+        data_dir: str = "data/tinystories",
+        vocab_size: int | None = 8000,
+        tokenizer_path: str | None = None,
+        tokenizer_train_stories: int | None = 100_000,
+        val_fraction: float = 0.01,
+        block_size: int = 256,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 1337,
+        align_to_stories: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < val_fraction < 1.0:
+            raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+        for name, value in (("block_size", block_size), ("batch_size", batch_size)):
+            if value < 1:
+                raise DataError(f"{name} must be a positive integer, got {value}")
+        self.source, self.data_dir = source, data_dir
+        self._vocab_size, self.tokenizer_path = vocab_size, tokenizer_path
+        self.tokenizer_train_stories, self.val_fraction, self.seed = tokenizer_train_stories, val_fraction, seed
+        self.block_size, self.batch_size, self.num_workers = block_size, batch_size, num_workers
+        self.align_to_stories = align_to_stories
+        self._tokenizer: Tokenizer | None = None
+        self._meta: dict[str, Any] | None = None
+        self._datasets: dict[str, TokenWindows] = {}
+        self._train_loader: ResumableDataLoader | None = None
+        self._pending_loader_state: dict[str, int] | None = None
+
+    # What other parts of gptlit read -------------------------------------------------------------
+
+    @property
+    def tokenizer_file(self) -> Path:
+        return Path(self.tokenizer_path) if self.tokenizer_path else Path(self.data_dir) / TOKENIZER_FILE
+
+    @property
+    def vocab_size(self) -> int:
+        """The vocabulary size to build the model with: the configured one (the tokenizer may have fewer)."""
+        if self._vocab_size is not None:
+            return self._vocab_size
+        if not self.tokenizer_file.is_file():
+            raise DataError(
+                f"vocab_size is None, so it comes from {self.tokenizer_file}, which does not exist: "
+                "set --data.vocab_size or --data.tokenizer_path"
+            )
+        return self.tokenizer.vocab_size
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.from_file(self.tokenizer_file)
+        return self._tokenizer
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        if self._meta is None:
+            self._meta = read_meta(self.data_dir)
+        return self._meta
+
+    @property
+    def bytes_per_token(self) -> float:
+        """UTF-8 bytes of the validation stories (stripped, separators excluded) per validation token (every
+        token in val.bin, ``<bos>``/``<eos>`` included), so that bits per byte = loss / ln 2 / bytes_per_token
+        when the loss is averaged over all target tokens, specials included."""
+        val = self.meta["splits"]["val"]
+        return val["text_bytes"] / val["tokens"]
+
+    # Lightning hooks -----------------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Write ``data_dir`` from ``source`` unless it is up to date; also works without a Trainer."""
+        prepare_dataset(
+            self.source,
+            self.data_dir,
+            vocab_size=self._vocab_size,
+            tokenizer_path=self.tokenizer_path,
+            tokenizer_train_stories=self.tokenizer_train_stories,
+            val_fraction=self.val_fraction,
+            seed=self.seed,
+        )
+        self._tokenizer = self._meta = None  # re-read what was just written
+
+    def setup(self, stage: str | None = None) -> None:
+        """Check the prepared files and build the window datasets (``fit``: train and val; others: val)."""
+        meta = self._meta = read_meta(self.data_dir)
+        if meta["settings"]["tokenizer_sha256"] != self.tokenizer.sha256:
+            raise DataError(
+                f"{self.tokenizer_file} is not the tokenizer {self.data_dir} was prepared with; "
+                + redo_hint(self.data_dir)
+            )
+        if meta["vocab_size"] > self.vocab_size:
+            raise DataError(
+                f"{self.tokenizer_file} has {meta['vocab_size']} tokens, more than vocab_size={self.vocab_size}"
+            )
+        splits = ["train", "val"] if stage in (None, "fit") else ["val"]
+        for split in splits:
+            self._datasets[split] = self._windows(split, meta)
+        if len(self._datasets["val"]) == 0:
+            raise DataError(
+                f"{Path(self.data_dir) / 'val.bin'} has {meta['splits']['val']['tokens']} tokens, fewer than "
+                f"block_size + 1 = {self.block_size + 1}: lower --data.block_size or raise --data.val_fraction"
+            )
+        if "train" in self._datasets and len(self._datasets["train"]) // self._world()[1] < self.batch_size:
+            raise DataError(
+                f"{Path(self.data_dir) / 'train.bin'} has too few windows of {self.block_size + 1} tokens for one "
+                f"batch of {self.batch_size} per device: lower --data.batch_size or --data.block_size"
+            )
+
+    def _windows(self, split: str, meta: dict[str, Any]) -> TokenWindows:
+        path, dtype, n_tokens = check_bin(self.data_dir, meta, split)
+        check_ids(path, dtype, n_tokens, meta["vocab_size"], self.data_dir)
+        story_offsets = None
+        if split == "train" and self.align_to_stories:
+            story_offsets = np.load(offsets_path(self.data_dir, split))
+        starts = window_starts(n_tokens, self.block_size, story_offsets)
+        if split == "val":
+            # Every rank gets the same number of windows (the tail is dropped), in order.
+            rank, world_size = self._world()
+            starts = starts[rank : len(starts) // world_size * world_size : world_size]
+        return TokenWindows(path, dtype, starts, self.block_size)
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": on_cuda,
+            "persistent_workers": self.num_workers > 0,
+        }
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        if "train" not in self._datasets:
+            self.setup("fit")
+        rank, world_size = self._world()
+        dataset = self._datasets["train"]
+        sampler = WindowSampler(len(dataset), self.seed, rank, world_size)
+        trainer = self.trainer
+        current_epoch = (lambda: trainer.current_epoch) if trainer is not None else None
+        loader = ResumableDataLoader(dataset, sampler, current_epoch, **self._loader_kwargs())
+        if self._pending_loader_state is not None:
+            loader.load_state_dict(self._pending_loader_state)
+            self._pending_loader_state = None
+        self._train_loader = loader
+        return loader
+
+    def val_dataloader(self) -> DataLoader:
+        if "val" not in self._datasets:
+            self.setup("validate")
+        return DataLoader(self._datasets["val"], shuffle=False, **self._loader_kwargs())
+
+    def test_dataloader(self) -> DataLoader:
+        """The validation split: TinyStories publishes no separate test split."""
+        return self.val_dataloader()
+
+    # The training loader's position also travels in the DataModule's own checkpoint entry, restored before
+    # any dataloader exists. Lightning restores the loader itself too, but skips that when the train loader
+    # was built early, e.g. by reading trainer.estimated_stepping_batches in configure_optimizers.
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_loader_state = state_dict.get("train_loader")

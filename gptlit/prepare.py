@@ -1,0 +1,350 @@
+"""Corpus to token files: read stories, train the tokenizer, write ``train.bin``, ``val.bin`` and ``meta.json``.
+
+A prepared data directory holds
+
+    tokenizer.json                      the byte-level BPE tokenizer (absent when ``tokenizer_path`` names one)
+    train.bin, val.bin                  every story as ``<bos> story <eos>``, concatenated: a raw array of
+                                        uint16 ids (uint32 above 65,535), readable with ``np.memmap``
+    train_offsets.npy, val_offsets.npy  int64 start of each story in its ``.bin``
+    meta.json                           written last: describes the files above and the settings behind them
+
+Every file is written under a temporary name and renamed into place; ``meta.json`` is removed before the first
+rename and written after the last, so a run killed at any point leaves the previous complete set or no set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import chain, islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gptlit.sources import DataError, StorySource, open_source
+from gptlit.tokenizer import Tokenizer, train_tokenizer
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+META_FILE, TOKENIZER_FILE = "meta.json", "tokenizer.json"
+TMP_SUFFIX = ".tmp"
+# Stories per encode_batch call: enough work for the Rust thread pool, small enough to keep memory flat.
+ENCODE_BATCH_STORIES = 1024
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest dtype that holds every id below ``vocab_size``: uint16 up to 65,535 tokens, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 65_535 else np.dtype(np.uint32)
+
+
+def bin_path(data_dir: str | Path, split: str) -> Path:
+    return Path(data_dir) / f"{split}.bin"
+
+
+def offsets_path(data_dir: str | Path, split: str) -> Path:
+    return Path(data_dir) / f"{split}_offsets.npy"
+
+
+def redo_hint(data_dir: str | Path) -> str:
+    return f"delete {data_dir} and run `python -m gptlit prepare`"
+
+
+# Reading and checking a prepared directory ---------------------------------------------------------
+
+
+def read_meta(data_dir: str | Path) -> dict[str, Any]:
+    """``meta.json`` of a prepared directory; DataError if it is missing, unreadable or of another format."""
+    path = Path(data_dir) / META_FILE
+    if not path.is_file():
+        raise DataError(f"{path} not found: run `python -m gptlit prepare` (or fit, which prepares first)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} is unreadable ({err}); {redo_hint(data_dir)}") from err
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise DataError(
+            f"{path} has format version {version}, this gptlit reads version {FORMAT_VERSION}; {redo_hint(data_dir)}"
+        )
+    return meta
+
+
+def check_bin(data_dir: str | Path, meta: dict[str, Any], split: str) -> tuple[Path, np.dtype, int]:
+    """Check that ``{split}.bin`` is complete according to ``meta``; returns its path, dtype and token count."""
+    path, dtype = bin_path(data_dir, split), np.dtype(meta["dtype"])
+    if not path.is_file():
+        raise DataError(f"{path} not found; {redo_hint(data_dir)}")
+    size, expected = path.stat().st_size, meta["splits"][split]["tokens"]
+    if size % dtype.itemsize:
+        raise DataError(f"{path} is truncated ({size} bytes, not a whole number of {dtype}); {redo_hint(data_dir)}")
+    if size // dtype.itemsize != expected:
+        raise DataError(
+            f"{path} holds {size // dtype.itemsize} tokens, {META_FILE} says {expected}; {redo_hint(data_dir)}"
+        )
+    return path, dtype, expected
+
+
+def check_files(data_dir: str | Path, meta: dict[str, Any]) -> None:
+    """Check that every file ``meta`` describes is present and complete (cheap: sizes and headers only)."""
+    for split in SPLITS:
+        check_bin(data_dir, meta, split)
+        path = offsets_path(data_dir, split)
+        try:
+            n_offsets = np.load(path, mmap_mode="r").shape[0]
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path} is missing or unreadable ({err}); {redo_hint(data_dir)}") from err
+        if n_offsets != meta["splits"][split]["stories"]:
+            expected = meta["splits"][split]["stories"]
+            raise DataError(f"{path} lists {n_offsets} stories, {META_FILE} says {expected}; {redo_hint(data_dir)}")
+
+
+# Writing -----------------------------------------------------------------------------------------
+
+
+def _progress(description: str) -> Any:
+    """A counter bar for a stream of unknown length: tqdm when installed, else rich (a dependency)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _RichCounter(description)
+    # disable=None: silent when stderr is not a terminal (CI logs, tests).
+    return tqdm(desc=description, unit=" stories", disable=None, file=sys.stderr)
+
+
+class _RichCounter:
+    def __init__(self, description: str) -> None:
+        from rich.progress import Progress
+
+        self.progress = Progress(transient=True)
+        self.task = self.progress.add_task(description, total=None)
+
+    def __enter__(self) -> _RichCounter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, n: int) -> None:
+        self.progress.advance(self.task, n)
+
+
+class _SplitWriter:
+    """Streams one split's ids to ``{split}.bin.tmp``, keeping only per-story offsets in memory (8 bytes each)."""
+
+    def __init__(self, data_dir: Path, split: str, dtype: np.dtype) -> None:
+        self.data_dir, self.split, self.dtype = data_dir, split, dtype
+        self.file = open(bin_path(data_dir, split).with_suffix(".bin" + TMP_SUFFIX), "wb")  # noqa: SIM115
+        self.tokens = self.stories = self.text_bytes = 0
+        self.offsets: list[np.ndarray] = []
+
+    def write(self, texts: list[str], ids: list[list[int]]) -> None:
+        """Append the encoded ``texts`` (``ids``: one ``<bos> ... <eos>`` list per text)."""
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        # A Python int that does not fit the dtype raises OverflowError here: never a silent wrap-around.
+        flat = np.fromiter(chain.from_iterable(ids), dtype=self.dtype, count=int(lengths.sum()))
+        self.file.write(flat.tobytes())
+        self.offsets.append(self.tokens + np.cumsum(lengths) - lengths)
+        self.tokens += len(flat)
+        self.stories += len(texts)
+        self.text_bytes += sum(len(t.encode("utf-8")) for t in texts)
+
+    def close(self) -> dict[str, int]:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        offsets = np.concatenate(self.offsets) if self.offsets else np.zeros(0, dtype=np.int64)
+        with open(offsets_path(self.data_dir, self.split).with_suffix(".npy" + TMP_SUFFIX), "wb") as f:
+            np.save(f, offsets)
+        return {"tokens": self.tokens, "stories": self.stories, "text_bytes": self.text_bytes}
+
+
+def _batches(pairs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, list[str]]]:
+    """Group ``(split, story)`` pairs into per-split batches of ``ENCODE_BATCH_STORIES`` (the last ones shorter)."""
+    batches: dict[str, list[str]] = {split: [] for split in SPLITS}
+    for split, text in pairs:
+        batches[split].append(text)
+        if len(batches[split]) == ENCODE_BATCH_STORIES:
+            yield split, batches[split]
+            batches[split] = []
+    yield from ((split, batch) for split, batch in batches.items() if batch)
+
+
+def write_bins(
+    pairs: Iterable[tuple[str, str]], tokenizer: Tokenizer, data_dir: Path, dtype: np.dtype
+) -> dict[str, dict[str, int]]:
+    """Encode ``(split, story)`` pairs in batches into ``{split}.bin.tmp`` and ``{split}_offsets.npy.tmp``.
+
+    Returns per split: ``tokens`` (all ids, ``<bos>``/``<eos>`` included), ``stories`` and ``text_bytes``
+    (UTF-8 bytes of the stripped stories, separators excluded).
+    """
+    writers = {split: _SplitWriter(data_dir, split, dtype) for split in SPLITS}
+    try:
+        # While a background thread encodes one batch (the Rust encoder releases the GIL), this thread reads
+        # the next stories and writes the previous batch: 5-10% faster than taking turns (benchmarks/).
+        with ThreadPoolExecutor(max_workers=1) as encoder, _progress("encoding stories") as bar:
+
+            def finish(split: str, texts: list[str], encoding: Future) -> None:
+                writers[split].write(texts, encoding.result())
+                bar.update(len(texts))
+
+            in_flight: tuple[str, list[str], Future] | None = None
+            for split, texts in _batches(pairs):
+                submitted = split, texts, encoder.submit(tokenizer.encode_batch, texts, bos=True, eos=True)
+                if in_flight is not None:
+                    finish(*in_flight)
+                in_flight = submitted
+            if in_flight is not None:
+                finish(*in_flight)
+    finally:
+        counts = {split: writer.close() for split, writer in writers.items()}
+    return counts
+
+
+def _rename_into_place(data_dir: Path, names: Iterable[str]) -> None:
+    for name in names:
+        os.replace(data_dir / (name + TMP_SUFFIX), data_dir / name)
+
+
+def _remove_temporaries(data_dir: Path) -> None:
+    for path in data_dir.glob("*" + TMP_SUFFIX):
+        path.unlink()
+
+
+# The whole preparation -----------------------------------------------------------------------------
+
+
+def _say(message: str) -> None:
+    print(f"gptlit data: {message}", file=sys.stderr, flush=True)
+
+
+def _choose_tokenizer(
+    data_dir: Path,
+    tokenizer_path: str | None,
+    vocab_size: int | None,
+    tokenizer_train_stories: int | None,
+    old_meta: dict[str, Any] | None,
+) -> tuple[Path, dict[str, Any] | None, str | None]:
+    """Decide which tokenizer to use: ``(file, trained_with, why it must be (re)trained or None to reuse it)``.
+
+    ``trained_with`` records the settings gptlit trained ``data_dir/tokenizer.json`` with (None for a tokenizer
+    the user supplied), so that a changed ``vocab_size`` retrains it instead of silently reusing the old one.
+    """
+    if tokenizer_path is not None:
+        return Path(tokenizer_path), None, None
+    path = data_dir / TOKENIZER_FILE
+    wanted = (
+        None if vocab_size is None else {"vocab_size": vocab_size, "tokenizer_train_stories": tokenizer_train_stories}
+    )
+    if not path.is_file():
+        if wanted is None:
+            raise DataError(f"vocab_size is None but {path} does not exist: give a vocab_size or a tokenizer_path")
+        return path, wanted, f"training a tokenizer with {vocab_size} tokens"
+    settings = (old_meta or {}).get("settings", {})
+    vouched = settings.get("tokenizer_sha256") == Tokenizer.from_file(path).sha256
+    old_trained = settings.get("tokenizer_trained_with") if vouched else None
+    if old_trained is not None and wanted is not None and old_trained != wanted:
+        return path, wanted, f"tokenizer settings changed from {old_trained} to {wanted}: retraining it"
+    if not vouched:
+        _say(f"using the tokenizer already in {path}; delete it to train a new one")
+    # Ours with the same settings, or a tokenizer the user put there: reuse it as it is.
+    return path, old_trained, None
+
+
+def _changed_settings(old_meta: dict[str, Any] | None, settings: dict[str, Any]) -> str:
+    """Which of ``settings`` differ from the earlier preparation's ('' when none do)."""
+    if old_meta is None:
+        return "everything"
+    old = old_meta["settings"]
+    # A source with its own validation split was recorded with hold_out None: val_fraction and seed don't matter.
+    changed = [k for k, v in settings.items() if old.get(k) != v and not (k == "hold_out" and old.get(k) is None)]
+    return ", ".join(changed)
+
+
+def prepare_dataset(
+    source: str,
+    data_dir: str | Path,
+    vocab_size: int | None = 8000,
+    tokenizer_path: str | None = None,
+    tokenizer_train_stories: int | None = 100_000,
+    val_fraction: float = 0.01,
+    seed: int = 1337,
+) -> dict[str, Any]:
+    """Turn ``source`` into a prepared ``data_dir`` (see the module docstring); returns its meta.json contents.
+
+    Does nothing when ``data_dir`` already holds a complete set prepared with the same settings. The arguments
+    mean what they mean on :class:`gptlit.data.TinyStoriesDataModule`.
+    """
+    data_dir = Path(data_dir)
+    stories: StorySource = open_source(source)  # resolved, not yet opened: no network, no datasets
+    try:
+        old_meta: dict[str, Any] | None = read_meta(data_dir)
+        check_files(data_dir, old_meta)
+    except (DataError, KeyError, TypeError):
+        old_meta = None
+    tokenizer_file, trained_with, train_reason = _choose_tokenizer(
+        data_dir, tokenizer_path, vocab_size, tokenizer_train_stories, old_meta
+    )
+    tokenizer = None if train_reason else Tokenizer.from_file(tokenizer_file)
+    settings: dict[str, Any] = {
+        "source": source,
+        "source_fingerprint": stories.fingerprint,
+        "hold_out": {"val_fraction": val_fraction, "seed": seed},
+        "tokenizer_sha256": tokenizer.sha256 if tokenizer else None,
+        "tokenizer_trained_with": trained_with,
+    }
+    changed = _changed_settings(old_meta, settings)
+    if tokenizer is not None and not changed:
+        _say(f"{data_dir} is up to date (same source, tokenizer and split settings); nothing to do")
+        return old_meta
+    # Opens the source: fails fast here, before anything is written, when the hub cannot be reached.
+    if stories.has_val_split:
+        settings["hold_out"] = None  # only a source without a validation split is split by val_fraction and seed
+    reason = train_reason or ("no complete earlier preparation" if old_meta is None else f"{changed} changed")
+    _say(f"preparing {data_dir} from {source} ({reason})")
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if tokenizer is None:
+            n = "all" if tokenizer_train_stories is None else f"the first {tokenizer_train_stories:,}"
+            _say(f"training a {vocab_size}-token tokenizer on {n} training stories")
+            texts = (text for split, text in stories.stories(val_fraction, seed) if split == "train")
+            tokenizer = train_tokenizer(islice(texts, tokenizer_train_stories), vocab_size)
+            tokenizer.save(data_dir / (TOKENIZER_FILE + TMP_SUFFIX))
+            settings["tokenizer_sha256"] = tokenizer.sha256
+        if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+            raise DataError(
+                f"{tokenizer_file} has {tokenizer.vocab_size} tokens, more than vocab_size={vocab_size}: "
+                "raise vocab_size or use another tokenizer"
+            )
+        dtype = token_dtype(tokenizer.vocab_size)
+        counts = write_bins(stories.stories(val_fraction, seed), tokenizer, data_dir, dtype)
+        for split in SPLITS:
+            if counts[split]["stories"] == 0:
+                raise DataError(f"{source}: no {split} stories (the source is empty after dropping blank stories)")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "dtype": dtype.name,
+            "vocab_size": tokenizer.vocab_size,
+            "tokenizer_file": str(tokenizer_file),
+            "settings": settings,
+            "splits": counts,
+        }
+        (data_dir / (META_FILE + TMP_SUFFIX)).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        # Commit: without meta.json nothing below is accepted, so a kill between these lines leaves no set.
+        with contextlib.suppress(FileNotFoundError):
+            (data_dir / META_FILE).unlink()
+        names = [f"{s}.bin" for s in SPLITS] + [offsets_path(data_dir, s).name for s in SPLITS]
+        if train_reason is not None:
+            names.append(TOKENIZER_FILE)
+        _rename_into_place(data_dir, [*names, META_FILE])
+    finally:
+        _remove_temporaries(data_dir)  # this run's, or leftovers of a killed one (overwritten, never read)
+    splits = ", ".join(f"{s} {c['tokens']:,} tokens in {c['stories']:,} stories" for s, c in counts.items())
+    _say(f"wrote {data_dir}: {splits}")
+    return meta
