@@ -33,7 +33,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
 
 
 def build_optimizer(
-    model: GPT, learning_rate: float, weight_decay: float, betas: tuple[float, float]
+    model: GPT, learning_rate: float, weight_decay: float, betas: tuple[float, float], fused: bool = True
 ) -> torch.optim.AdamW:
     """AdamW that decays only the weight matrices of linear layers.
 
@@ -52,7 +52,7 @@ def build_optimizer(
             (decay if is_matrix else no_decay).append(param)
     no_decay.append(model.wte.weight)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
+    fused = fused and all(p.device.type in ("cpu", "cuda") for p in model.parameters())
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
 
 
@@ -206,9 +206,22 @@ class GPTLitModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = build_optimizer(self.model, hp.learning_rate, hp.weight_decay, tuple(hp.betas))
+        # fp16 loss scaling unscales inside a fused step, after Lightning would clip: no fused kernel there.
+        fused = self.trainer.precision != "16-mixed"
+        optimizer = build_optimizer(self.model, hp.learning_rate, hp.weight_decay, tuple(hp.betas), fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, a guard meant for fp16 loss
+        # scaling. bf16 and fp32 have no scaler, so the gradients are true gradients: clip them directly.
+        if gradient_clip_val and self.trainer.precision != "16-mixed":
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _total_steps(self) -> int | None:
         """Optimizer steps in the whole run, or None while the trainer cannot know them yet."""
