@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptlit.config import GPTConfig
+from gptlit.loss import chunked_cross_entropy
 
 
 def build_norm(config: GPTConfig) -> nn.Module:
@@ -78,12 +79,13 @@ class CausalSelfAttention(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_heads, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_heads, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_heads, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_size).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            # q and k rotate together: one set of kernels for both. (2, B, nh, T, hs)
+            q, k = apply_rope(qkv[:2], *rope).unbind(0)
+            v = qkv[2]
+        else:
+            q, k, v = qkv.unbind(0)  # 3 x (B, nh, T, hs)
 
         if input_pos is None:
             # Training and uncached inference: plain causal attention over these T tokens.
@@ -94,8 +96,7 @@ class CausalSelfAttention(nn.Module):
             if self.kv_cache is None:
                 raise RuntimeError("forward with input_pos needs a KV cache: call model.set_kv_cache(batch_size)")
             k, v = self.kv_cache(input_pos, k, v)  # (B, nh, L, hs)
-            # mask (T, L') is True where a query may attend; the cache is cut to the L' positions it covers.
-            k, v = k[:, :, : mask.size(-1)], v[:, :, : mask.size(-1)]
+            # mask (T, L) is True where a query may attend: positions not yet written are never seen.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
 
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
@@ -177,6 +178,15 @@ class GPT(nn.Module):
         With ``input_pos`` (T,) — the positions of these tokens, increasing — keys and values are read
         from and written to the KV cache, so a prompt can be fed once and then one token at a time.
         """
+        return self.lm_head(self.hidden_states(idx, input_pos))  # (B, T, vocab_size)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of idx (B, T) against targets (B, T), without building the logits."""
+        h = self.hidden_states(idx)  # (B, T, C)
+        return chunked_cross_entropy(h.view(-1, h.size(-1)), self.lm_head.weight, targets.view(-1))
+
+    def hidden_states(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-normed residual stream (B, T, C) that the head turns into logits."""
         T = idx.size(1)
         if input_pos is None:
             if T > self.config.block_size:
@@ -187,10 +197,9 @@ class GPT(nn.Module):
             if self.causal_mask is None:
                 raise RuntimeError("forward with input_pos needs a KV cache: call model.set_kv_cache(batch_size)")
             pos = input_pos
-            # Row p of the causal mask lets a query at position p see keys 0..p; keys past the last
-            # position are never needed, so the mask (and the cache read) stops there.
-            last = int(input_pos[-1]) + 1
-            mask = self.causal_mask[input_pos, :last]  # (T, last)
+            # Row p of the causal mask lets a query at position p see keys 0..p. The whole cache is read,
+            # so that every decode step has the same shapes (and no host sync): a compiled step is reused.
+            mask = self.causal_mask[input_pos]  # (T, L)
 
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
@@ -199,8 +208,7 @@ class GPT(nn.Module):
         rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.config.use_rope else None  # 2 x (T, hs)
         for block in self.blocks:
             x = block(x, rope, input_pos, mask)
-        x = self.norm_f(x)
-        return self.lm_head(x)  # (B, T, vocab_size)
+        return self.norm_f(x)  # (B, T, C)
 
     # KV cache --------------------------------------------------------------------------------------
 

@@ -7,8 +7,8 @@ import time
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from gptlit.config import GPTConfig, NormType
@@ -122,6 +122,7 @@ class GPTLitModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self._last_batch_end: float | None = None
+        self._seed = torch.initial_seed()  # set again when fitting starts
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -146,8 +147,19 @@ class GPTLitModule(L.LightningModule):
     def model_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Mean next-token cross-entropy of a batch (x, y), each (B, T)."""
         x, y = batch
-        logits = self.model(x)  # (B, T, vocab_size)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        return self.model.loss(x, y)
+
+    def on_fit_start(self) -> None:
+        self._seed = torch.initial_seed()  # seed_everything's seed, the same in every rank and after a resume
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Dropout draws from the global torch RNG. Seeding it from (seed, epoch, batch, rank) before every batch
+        # makes the masks a pure function of the position in training, as the data order is: a resumed run draws
+        # the masks an uninterrupted run would have drawn. Saving the RNG state in the checkpoint would not do:
+        # every DataLoader iterator also draws from it, and a resumed run creates its iterators at other points
+        # (sanity check, mid-epoch start). Ranks draw different masks.
+        entropy = [self._seed, self.current_epoch, batch_idx, self.global_rank]
+        torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.model_step(batch)
@@ -167,14 +179,15 @@ class GPTLitModule(L.LightningModule):
         self.test_loss.update(self.model_step(batch))
 
     def _log_eval_metrics(self, split: str, metric: MeanMetric) -> None:
-        loss = metric.compute()
+        loss = metric.compute()  # already the mean over all ranks: torchmetrics syncs in compute()
         metric.reset()
-        self.log(f"{split}/loss", loss, prog_bar=split == "val", sync_dist=False)
-        self.log(f"{split}/ppl", loss.exp())
+        # sync_dist averages values that are equal on every rank; it keeps Lightning from warning under DDP.
+        self.log(f"{split}/loss", loss, prog_bar=split == "val", sync_dist=True)
+        self.log(f"{split}/ppl", loss.exp(), sync_dist=True)
         bytes_per_token = getattr(getattr(self.trainer, "datamodule", None), "bytes_per_token", None)
         if bytes_per_token:
             # nats per token -> bits per byte of text: independent of the tokenizer, so runs compare.
-            self.log(f"{split}/bpb", loss / (bytes_per_token * math.log(2)))
+            self.log(f"{split}/bpb", loss / (bytes_per_token * math.log(2)), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_metrics("val", self.val_loss)
@@ -262,9 +275,27 @@ class GPTLitModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning loads the weights right after this hook: say what differs before a size mismatch does.
         saved = checkpoint.get("gptlit") or {}
-        if saved.get("tokenizer") and self.tokenizer is None:
-            self.tokenizer = Tokenizer.from_str(saved["tokenizer"])
+        for name, value in (saved.get("config") or {}).items():
+            mine = getattr(self.config, name, value)
+            if mine != value:
+                raise ValueError(
+                    f"the checkpoint holds a model with {name}={value}, this model has {name}={mine}; "
+                    "resume with the run's own config (python -m gptlit fit --ckpt_path last)"
+                )
+        if not saved.get("tokenizer"):
+            return
+        tokenizer = Tokenizer.from_str(saved["tokenizer"])
+        if self.tokenizer is None:
+            self.tokenizer = tokenizer
+        elif self.tokenizer.sha256 != tokenizer.sha256:  # the data module's: its token ids mean other text
+            datamodule = getattr(getattr(self, "_trainer", None), "datamodule", None)
+            data = getattr(datamodule, "tokenizer_file", "the data module's tokenizer")
+            raise ValueError(
+                f"the checkpoint was trained with another tokenizer than {data}; resume with the data.data_dir "
+                "(or data.tokenizer_path) the run was trained with, or start a new run"
+            )
 
     # Convenience ------------------------------------------------------------------------------------------
 
