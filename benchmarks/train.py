@@ -1,0 +1,227 @@
+"""Training throughput: gptlit through the Lightning Trainer, the same model in a plain loop, litgpt, GPT-NeoX.
+
+    python benchmarks/train.py --config tiny --precision 32 bf16
+    python benchmarks/train.py --config small --precision bf16 --compile
+
+Every variant trains the same architecture on the same batches (TinyStories windows) with the same AdamW
+settings, gradient clipping and precision; steady-state tokens/s is the median over interleaved rounds,
+warm-up excluded. MFU is model FLOPs/s over the matmul peak measured in the same run. Needs the bench extra
+(`pip install -e ".[bench]"` and `pip install --no-deps litgpt`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from common import interleaved, machine, markdown_table, matmul_peak, write_section
+
+from gptlit.config import GPTConfig
+from gptlit.data import TinyStoriesDataModule
+from gptlit.hf_mapping import neox_config_dict
+from gptlit.model import GPT
+from gptlit.module import GPTLitModule, build_optimizer
+
+ROOT = Path(__file__).parents[1]
+CORPUS = ROOT.parent / "shared" / "data" / "tinystories-train-2mib.txt"
+SHAPES = {
+    "tiny": {"vocab_size": 4096, "block_size": 256, "embed_dim": 256, "n_heads": 4, "n_layers": 4},
+    "small": {"vocab_size": 8000, "block_size": 256, "embed_dim": 512, "n_heads": 8, "n_layers": 6},
+}
+LR, WEIGHT_DECAY, BETAS, CLIP = 1e-3, 0.1, (0.9, 0.95), 1.0
+
+
+def litgpt_model(config: GPTConfig) -> torch.nn.Module:
+    from litgpt.config import Config
+    from litgpt.model import GPT as LitGPT
+
+    return LitGPT(
+        Config(
+            name="gptlit-shape",
+            block_size=config.block_size,
+            vocab_size=config.vocab_size,
+            padded_vocab_size=config.vocab_size,
+            n_layer=config.n_layers,
+            n_head=config.n_heads,
+            n_embd=config.embed_dim,
+            bias=True,
+            parallel_residual=False,
+            rotary_percentage=1.0,
+            norm_class_name="LayerNorm",
+            mlp_class_name="GptNeoxMLP",
+            intermediate_size=4 * config.embed_dim,
+        )
+    )
+
+
+class NeoXLogits(torch.nn.Module):
+    """transformers' GPTNeoXForCausalLM with the gptlit shape, returning plain logits."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+        fields = {k: v for k, v in neox_config_dict(config).items() if k not in ("architectures", "model_type")}
+        self.model = GPTNeoXForCausalLM(GPTNeoXConfig(**fields, attn_implementation="sdpa"))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx, use_cache=False).logits
+
+
+def plain_loop(
+    model: torch.nn.Module, batches: list, bf16: bool, steps: int, compile: bool = False
+) -> Callable[[], float]:
+    """A training loop with nothing but the work: forward, loss, backward, clip, AdamW step.
+
+    A gptlit GPT computes its loss as GPTLitModule does (``GPT.loss``: the chunked head); the others
+    produce logits for ``F.cross_entropy``.
+    """
+    if isinstance(model, GPT):
+        loss_fn = model.loss
+    else:
+
+        def loss_fn(x, y):
+            logits = model(x)
+            return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+
+    if compile:
+        loss_fn = torch.compile(loss_fn)
+    optimizer = build_optimizer(model, LR, WEIGHT_DECAY, BETAS) if isinstance(model, GPT) else None
+    if optimizer is None:  # other models: the same decay rule, by parameter shape
+        params = list(model.parameters())
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=LR, betas=BETAS, fused=True)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def run() -> float:
+        step(*batches[0])  # warm-up
+        start = time.perf_counter()
+        for i in range(steps):
+            step(*batches[(i + 1) % len(batches)])
+        return steps * batches[0][0].numel() / (time.perf_counter() - start)
+
+    return run
+
+
+class StepClock(L.Callback):
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, *args) -> None:
+        self.ends.append(time.perf_counter())
+
+
+def trainer_loop(module: GPTLitModule, data: TinyStoriesDataModule, bf16: bool, steps: int, log_dir: str):
+    """`gptlit fit` without the CLI: the Trainer, GPTLitModule's step and logging, the data module's loader."""
+
+    def run() -> float:
+        clock = StepClock()
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=steps + 1,
+            precision="bf16-mixed" if bf16 else "32-true",
+            gradient_clip_val=CLIP,
+            limit_val_batches=0,
+            logger=L.pytorch.loggers.TensorBoardLogger(log_dir, name="bench"),
+            log_every_n_steps=1,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            callbacks=[clock],
+        )
+        trainer.fit(module, datamodule=data)
+        return steps * data.batch_size * data.block_size / (clock.ends[-1] - clock.ends[0])
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--precision", nargs="+", choices=["32", "bf16"], default=["32", "bf16"])
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the gptlit model")
+    parser.add_argument("--no-readme", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    shape = SHAPES[args.config]
+    config = GPTConfig(**shape, dropout=0.0)
+
+    work = tempfile.mkdtemp(prefix="gptlit-bench-")
+    data = TinyStoriesDataModule(
+        source=str(CORPUS),
+        data_dir=f"{work}/data",
+        vocab_size=shape["vocab_size"],
+        block_size=shape["block_size"],
+        batch_size=args.batch_size,
+    )
+    with contextlib.redirect_stdout(sys.stderr):
+        data.prepare_data()
+    data.setup("fit")
+    loader = iter(data.train_dataloader())
+    batches = [next(loader) for _ in range(8)]
+    flops_per_token = GPT(config).flops_per_token()
+    peaks = {"32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+
+    rows, body = [], []
+    for precision in args.precision:
+        bf16 = precision == "bf16"
+        runners = {
+            "gptlit fit (Trainer)": trainer_loop(GPTLitModule(**shape, dropout=0.0), data, bf16, args.steps, work),
+            "gptlit plain loop": plain_loop(GPT(config), batches, bf16, args.steps),
+            "litgpt GPT": plain_loop(litgpt_model(config), batches, bf16, args.steps),
+            "transformers GPTNeoX": plain_loop(NeoXLogits(config), batches, bf16, args.steps),
+        }
+        if args.compile:
+            runners["gptlit compiled"] = plain_loop(GPT(config), batches, bf16, args.steps, compile=True)
+        with contextlib.redirect_stdout(sys.stderr):
+            rates = interleaved(runners, args.rounds)
+        best_peer = max(rates["litgpt GPT"], rates["transformers GPTNeoX"])
+        for name, rate in rates.items():
+            mfu = flops_per_token * rate / peaks[precision]
+            rows.append([args.config, precision, name, f"{rate:,.0f}", f"{rate / best_peer:.2f}", f"{100 * mfu:.1f}%"])
+        body.append(
+            f"- {args.config} {precision}: Trainer / plain loop = "
+            f"{rates['gptlit fit (Trainer)'] / rates['gptlit plain loop']:.3f}; "
+            f"gptlit plain / best peer = {rates['gptlit plain loop'] / best_peer:.3f}"
+        )
+    table = markdown_table(["config", "precision", "variant", "tokens/s", "vs best peer", "MFU"], rows)
+    peak_line = f"Matmul peaks (2048²): fp32 {peaks['32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s."
+    report = (
+        f"`python benchmarks/train.py --config {args.config} --precision {' '.join(args.precision)}"
+        f"{' --compile' if args.compile else ''}`, batch {args.batch_size} x {shape['block_size']}, "
+        f"{args.rounds} interleaved rounds of {args.steps} steps (median).\n"
+        f"Machine: {machine()}.\n\n{table}\n\n{peak_line}\n" + "\n".join(body)
+    )
+    print(report)
+    if not args.no_readme:
+        write_section(f"Training throughput: {args.config}", report)
+
+
+if __name__ == "__main__":
+    main()
