@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -25,10 +22,11 @@ import time
 from datetime import date
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "tinystories-train-2mib.txt"
-README = ROOT / "benchmarks" / "README.md"
-SECTION = "## Data preparation"
 ORDERS = ("prepare-first", "plain-first")
 
 # One run, in a fresh interpreter: a preparation and plain encode_batch over the same stories (already in
@@ -69,15 +67,6 @@ print(json.dumps(result))
 """
 
 
-def describe_machine() -> str:
-    import torch
-
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"model name\s*:\s*(.+)", cpuinfo)
-    cpu = model.group(1).strip() if model else platform.processor() or "unknown CPU"
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
-
-
 def repeat_corpus(corpus: Path, times: int, out_dir: Path) -> Path:
     if times == 1:
         return corpus
@@ -112,17 +101,6 @@ def batch_fetch_ms(source: Path, data_dir: Path, tokenizer_path: Path, batches: 
             iterator = iter(loader)
             next(iterator)
     return (time.perf_counter() - start) / batches * 1e3
-
-
-def write_readme(section: str) -> None:
-    intro = "# Benchmarks\n\nMeasurements of gptlit, each section with the machine it ran on.\n"
-    text = README.read_text(encoding="utf-8") if README.exists() else intro
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    README.write_text(text, encoding="utf-8")
 
 
 def main() -> None:
@@ -182,9 +160,7 @@ def main() -> None:
         )
     section = "\n".join(
         [
-            SECTION,
-            "",
-            f"`python benchmarks/prepare.py` on {date.today().isoformat()}; {describe_machine()}.",
+            f"`python benchmarks/prepare.py` on {date.today().isoformat()}; {machine()}.",
             f"Corpus: `{args.corpus.name}`, and it repeated; tokenizer: {tokenizer.vocab_size} tokens.",
             "",
             *lines,
@@ -201,7 +177,7 @@ def main() -> None:
     )
     print(section)
     if not args.no_readme:
-        write_readme(section)
+        write_section("Data preparation", section)
 
 
 if __name__ == "__main__":
