@@ -76,6 +76,8 @@ class GPTLitModule(L.LightningModule):
         betas: AdamW betas.
         warmup: Warmup length: a float below 1 is a fraction of all optimizer steps, an int a step count.
         peak_flops: The device's peak FLOP/s; when given, ``train/mfu`` is logged.
+        compile: Compile the model and its loss with ``torch.compile`` (about a minute at the start on a CPU,
+            then 5-15% faster steps there; more on a GPU). Needs a C++ compiler on a CPU.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class GPTLitModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup: int | float = 0.1,
         peak_flops: float | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(warmup, float) and not 0.0 <= warmup < 1.0:
@@ -118,6 +121,8 @@ class GPTLitModule(L.LightningModule):
             rope_base=rope_base,
         )
         self.model = GPT(self.config)
+        # Compiled as a function, so that the module tree and checkpoint keys stay those of the plain model.
+        self._loss = torch.compile(self.model.loss) if compile else self.model.loss
         self.tokenizer: Tokenizer | None = None  # from the data module, or from a checkpoint
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
@@ -147,7 +152,7 @@ class GPTLitModule(L.LightningModule):
     def model_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Mean next-token cross-entropy of a batch (x, y), each (B, T)."""
         x, y = batch
-        return self.model.loss(x, y)
+        return self._loss(x, y)
 
     def on_fit_start(self) -> None:
         self._seed = torch.initial_seed()  # seed_everything's seed, the same in every rank and after a resume

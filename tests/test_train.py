@@ -204,3 +204,21 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     last = torch.load(workdir / "lightning_logs" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 8
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
+
+
+@pytest.mark.slow
+def test_compiled_module_gives_the_same_loss_gradients_and_checkpoint_keys() -> None:
+    torch.manual_seed(0)
+    eager = GPTLitModule(vocab_size=101, **MODEL)
+    compiled = GPTLitModule(vocab_size=101, **MODEL, compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    batch = (torch.randint(0, 101, (2, 32)), torch.randint(0, 101, (2, 32)))
+    losses = [module.model_step(batch) for module in (eager, compiled)]
+    torch.testing.assert_close(losses[1], losses[0])
+    grads = [
+        torch.autograd.grad(loss, list(module.parameters()))
+        for loss, module in zip(losses, (eager, compiled), strict=True)
+    ]
+    for ours, reference in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-6)
