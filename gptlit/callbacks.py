@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -27,6 +28,12 @@ class LastCheckpoint(ModelCheckpoint):
     Lightning's own ``save_last`` skips the final step once an earlier checkpoint exists, and saves nothing
     when SIGTERM (or, with :class:`GracefulStop`, Ctrl-C) ends a run; both are covered here.
 
+    A step's checkpoint is written at the end of the step, but Lightning writes that step's metrics to the
+    logger only after this callback has run (and validation, if due, after that). So the checkpoint is staged
+    as ``.last.ckpt.staged`` and renamed to ``last.ckpt`` when the next step starts (or training ends): a run
+    killed in between resumes from the checkpoint before, whose steps are all in the TensorBoard curve, and the
+    curve stays one line with every step once.
+
     Args:
         every_n_train_steps: Save ``last.ckpt`` every this many optimizer steps.
         kwargs: Further ``ModelCheckpoint`` arguments.
@@ -35,18 +42,40 @@ class LastCheckpoint(ModelCheckpoint):
     def __init__(self, every_n_train_steps: int = 500, **kwargs: Any) -> None:
         kwargs.setdefault("enable_version_counter", False)  # never last-v1.ckpt
         super().__init__(every_n_train_steps=every_n_train_steps, save_last=True, save_top_k=0, **kwargs)
+        self._staged: tuple[Path, Path] | None = None  # (written, to become)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        target = Path(filepath)
+        staged = target.with_name(f".{target.name}.staged")
+        super()._save_checkpoint(trainer, str(staged))  # written atomically by AtomicCheckpointIO
+        self._staged = (staged, target)
+
+    def _commit(self, trainer: L.Trainer) -> None:
+        if self._staged is not None:
+            staged, target = self._staged
+            self._staged = None
+            if trainer.is_global_zero:  # the rank that wrote it
+                os.replace(staged, target)
 
     def _save_last_if_behind(self, trainer: L.Trainer) -> None:
         if self._last_global_step_saved != trainer.global_step and not trainer.sanity_checking:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._commit(trainer)  # the previous step's metrics (and validation) are written by now
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save_last_if_behind(trainer)
+        self._commit(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._commit(trainer)  # an end-of-step state, whatever went wrong after it
         # SIGTERMException is raised between batches, so the state is a consistent end-of-step state.
         if isinstance(exception, SIGTERMException):
             self._save_last_if_behind(trainer)
+            self._commit(trainer)
             rank_zero_info(f"Stopped at step {trainer.global_step}; saved {self.last_model_path}")
 
 
@@ -183,9 +212,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.partial")
+        staging = path.with_name(f"{'' if path.name.startswith('.') else '.'}{path.name}.partial")
         with open(staging, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(staging, path)
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Writes the run's ``config.yaml`` when training starts, atomically; ``validate``/``test`` leave it alone.
+
+    Lightning's ``SaveConfigCallback`` writes it at setup, before a resumed checkpoint is loaded and checked:
+    a resume refused there (another tokenizer, a model of another size) would already have replaced the run's
+    config with the refused one, which ``fit --ckpt_path last`` then reads. Staged beside the target and
+    renamed into place, as checkpoints are, so a kill mid-write leaves the previous file.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pass  # see on_train_start
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = trainer.log_dir  # a broadcast: every rank must ask
+        if not trainer.is_global_zero or log_dir is None:
+            return
+        path = Path(log_dir) / self.config_filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f"{'' if path.name.startswith('.') else '.'}{path.name}.partial")
+        self.parser.save(self.config, str(staging), skip_none=False, overwrite=True, multifile=self.multifile)
         os.replace(staging, path)

@@ -11,15 +11,16 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
-from jsonargparse import auto_cli
+from jsonargparse import ArgumentParser, auto_cli
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from gptlit.callbacks import AtomicCheckpointIO, GracefulStop, LastCheckpoint, best_checkpoint
+from gptlit.callbacks import AtomicCheckpointIO, GracefulStop, LastCheckpoint, SaveRunConfig, best_checkpoint
 from gptlit.data import TinyStoriesDataModule
 from gptlit.export import export
 from gptlit.module import GPTLitModule, NonFiniteLossError
@@ -36,6 +37,7 @@ from gptlit.sample import sample
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 FUNCTION_SUBCOMMANDS = {"sample": sample, "export": export}
+SUBCOMMANDS = (*LIGHTNING_SUBCOMMANDS, "prepare", *FUNCTION_SUBCOMMANDS)
 
 
 def _option(args: list[str], name: str) -> str | None:
@@ -49,21 +51,62 @@ def _option(args: list[str], name: str) -> str | None:
 
 
 def _is_rank_zero() -> bool:
-    # Under DDP every process parses the command line; only the first may judge or change run directories.
-    return (
-        int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
-    )
+    """Whether this is the first process of a run, judged from the environment before Lightning has started.
+
+    Under DDP every process parses the command line; only the first may judge or change run directories.
+    torchrun sets RANK; Lightning's own launcher sets LOCAL_RANK (and NODE_RANK) for the processes it starts;
+    SLURM's srun starts every task itself and sets SLURM_PROCID. Same order as Lightning's ``rank_zero_only``.
+    """
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key]) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+    return True
 
 
-def _add_config_of_latest_run(args: list[str]) -> list[str]:
-    """``--ckpt_path last|best`` with no ``--config`` resumes the most recently written run."""
-    if _option(args, "--ckpt_path") not in CHECKPOINT_ALIASES or _option(args, "--config") is not None:
+class ConfigError(UsageError):
+    """A command line or config file the parser rejects (unknown key, wrong type, missing file)."""
+
+
+class OneLineErrors:
+    """A parser mixin: report a parse error in one line instead of argparse's usage (a hundred lines for fit).
+
+    Only where the parser would exit (``exit_on_error``); jsonargparse's inner parsers raise and recover as
+    before. ``GPTLIT_DEBUG=1`` keeps the full usage.
+    """
+
+    exit_on_error: bool
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("GPTLIT_DEBUG"):
+            super().error(message, ex)  # type: ignore[misc]
+        raise ConfigError(" ".join(message.split()))
+
+
+class GPTLitArgumentParser(OneLineErrors, LightningArgumentParser):
+    """The parser of ``fit``, ``validate``, ``test``, ``predict`` and ``prepare``."""
+
+
+class FunctionArgumentParser(OneLineErrors, ArgumentParser):
+    """The parser of ``sample`` and ``export``."""
+
+
+def _add_config_of_run(args: list[str]) -> list[str]:
+    """``--ckpt_path`` with no ``--config`` resumes with the config of the checkpoint's run.
+
+    ``last``/``best`` name the most recently written run; a file in ``<run>/checkpoints/`` names its run.
+    """
+    ckpt_path = _option(args, "--ckpt_path")
+    if ckpt_path is None or _option(args, "--config") is not None:
         return args
+    if ckpt_path not in CHECKPOINT_ALIASES:
+        config = Path(ckpt_path).parent.parent / "config.yaml"
+        in_run = Path(ckpt_path).parent.name == "checkpoints" and config.is_file()
+        return [args[0], "--config", str(config), *args[1:]] if in_run else args
     root = _option(args, "--trainer.default_root_dir") or os.getcwd()
     run = latest_run(root)
     if run is None:
         raise UsageError(
-            f"--ckpt_path {_option(args, '--ckpt_path')}: no run to resume under {Path(root) / 'lightning_logs'}; "
+            f"--ckpt_path {ckpt_path}: no run to resume under {Path(root) / 'lightning_logs'}; "
             "start one with `python -m gptlit fit --config configs/tiny.yaml`"
         )
     return [args[0], "--config", str(run / "config.yaml"), *args[1:]]
@@ -81,6 +124,13 @@ class GPTLitCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.link_arguments("model.block_size", "data.block_size")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI (since 2.5) replaces the model settings with those saved in a --ckpt_path file (not 'last' or
+        # 'best'), loading it before gptlit's checks: `--model.embed_dim 64` would be silently ignored, and a
+        # file that is not a plain checkpoint would end in a traceback. gptlit keeps the config it is given (the
+        # checkpoint's run's own when there is no --config) and checks the checkpoint against it below.
+        pass
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if not config.run_name:
@@ -95,7 +145,7 @@ class GPTLitCLI(LightningCLI):
         if ckpt_path is not None:
             path = resolve_checkpoint(ckpt_path, self.run_dir)
             checkpoint = load_checkpoint(path)
-            check_same_shape(checkpoint, dict(config.model), path)
+            check_same_shape(checkpoint, dict(config.model), path, data_vocab_size=config.data.vocab_size)
             self.resume_step = checkpoint.get("global_step", 0)
             config.ckpt_path = str(path)
             if config.get("weights_only") is None:
@@ -139,7 +189,9 @@ def make_cli(args: list[str], run: bool = True) -> GPTLitCLI:
         TinyStoriesDataModule,
         args=args,
         run=run,
+        parser_class=GPTLitArgumentParser,
         auto_configure_optimizers=False,
+        save_config_callback=SaveRunConfig,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"use_distributed_sampler": False, "log_every_n_steps": 10},
     )
@@ -154,6 +206,18 @@ def prepare_main(args: list[str]) -> None:
 USER_ERRORS = (UsageError, ValueError, FileNotFoundError, MisconfigurationException, NonFiniteLossError)
 
 
+def _command(args: list[str]) -> str:
+    """How the user called gptlit, for hints: ``python -m gptlit fit`` or ``gptlit fit``."""
+    program = "gptlit" if Path(sys.argv[0]).name == "gptlit" else "python -m gptlit"
+    subcommand = args[0] if args and args[0] in SUBCOMMANDS else ""
+    return f"{program} {subcommand}".strip()
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    print(f"gptlit: error: {' '.join(message.split())}", file=sys.stderr)  # one line
+    raise SystemExit(code)
+
+
 def cli_main(args: list[str] | None = None) -> None:
     """Entry point of ``python -m gptlit`` and the ``gptlit`` script; ``args`` defaults to ``sys.argv[1:]``."""
     args = list(sys.argv[1:] if args is None else args)
@@ -163,17 +227,26 @@ def cli_main(args: list[str] | None = None) -> None:
         if args and args[0] == "prepare":
             prepare_main(args[1:])
         elif args and args[0] in FUNCTION_SUBCOMMANDS:
-            auto_cli(FUNCTION_SUBCOMMANDS[args[0]], args=args[1:], as_positional=False)
+            auto_cli(
+                FUNCTION_SUBCOMMANDS[args[0]], args=args[1:], as_positional=False, parser_class=FunctionArgumentParser
+            )
         elif args and args[0] in LIGHTNING_SUBCOMMANDS:
-            make_cli(_add_config_of_latest_run(args))
+            make_cli(_add_config_of_run(args))
+        elif args and not args[0].startswith("-"):
+            raise ConfigError(f"unknown command '{args[0]}'; choose one of {', '.join(SUBCOMMANDS)}")
         else:
             make_cli(args)
     except SIGTERMException:
         print("gptlit: stopped; resume with `python -m gptlit fit --ckpt_path last`", file=sys.stderr)
         raise SystemExit(130) from None
+    except ConfigError as err:
+        _fail(f"{err}; see `{_command(args)} --help` for the options", code=2)
     except USER_ERRORS as err:
         if os.environ.get("GPTLIT_DEBUG"):
             raise
-        message = " ".join(str(err).split())  # one line
-        print(f"gptlit: error: {message}", file=sys.stderr)
-        raise SystemExit(1) from None
+        _fail(str(err))
+    except OSError as err:  # a full disk, a read-only or missing directory: the environment, not gptlit
+        if os.environ.get("GPTLIT_DEBUG"):
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        _fail(f"{err.strerror or err}{where}; check that the path exists, is writable and has free space")

@@ -201,6 +201,9 @@ class TinyStoriesDataModule(L.LightningDataModule):
         align_to_stories: bool = False,
     ) -> None:
         super().__init__()
+        # Only the first process of the whole job prepares data_dir, then all ranks read it: on a cluster data_dir
+        # lies on a file system every node sees, and two nodes preparing it at once would race for its files.
+        self.prepare_data_per_node = False
         if not 0.0 < val_fraction < 1.0:
             raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
         for name, value in (("block_size", block_size), ("batch_size", batch_size)):

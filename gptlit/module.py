@@ -295,10 +295,11 @@ class GPTLitModule(L.LightningModule):
         if self.tokenizer is None:
             self.tokenizer = tokenizer
         elif self.tokenizer.sha256 != tokenizer.sha256:  # the data module's: its token ids mean other text
-            datamodule = getattr(getattr(self, "_trainer", None), "datamodule", None)
-            data = getattr(datamodule, "tokenizer_file", "the data module's tokenizer")
+            trainer = getattr(self, "_trainer", None)
+            data = getattr(getattr(trainer, "datamodule", None), "tokenizer_file", "the data module's tokenizer")
+            checkpoint_path = getattr(trainer, "ckpt_path", None) or "the checkpoint"
             raise ValueError(
-                f"the checkpoint was trained with another tokenizer than {data}; resume with the data.data_dir "
+                f"{checkpoint_path} was trained with another tokenizer than {data}; resume with the data.data_dir "
                 "(or data.tokenizer_path) the run was trained with, or start a new run"
             )
 

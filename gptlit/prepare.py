@@ -163,6 +163,11 @@ class _SplitWriter:
             np.save(f, offsets)
         return {"tokens": self.tokens, "stories": self.stories, "text_bytes": self.text_bytes}
 
+    def abandon(self) -> None:
+        """Close without syncing or writing offsets: the files are temporaries about to be removed."""
+        with contextlib.suppress(OSError):  # a full disk fails this flush too: report the first error, not this
+            self.file.close()
+
 
 def _batches(pairs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, list[str]]]:
     """Group ``(split, story)`` pairs into per-split batches of ``ENCODE_BATCH_STORIES`` (the last ones shorter)."""
@@ -201,9 +206,11 @@ def write_bins(
                 in_flight = submitted
             if in_flight is not None:
                 finish(*in_flight)
-    finally:
-        counts = {split: writer.close() for split, writer in writers.items()}
-    return counts
+    except BaseException:
+        for writer in writers.values():
+            writer.abandon()
+        raise
+    return {split: writer.close() for split, writer in writers.items()}
 
 
 def _rename_into_place(data_dir: Path, names: Iterable[str]) -> None:
@@ -217,6 +224,34 @@ def _remove_temporaries(data_dir: Path) -> None:
 
 
 # The whole preparation -----------------------------------------------------------------------------
+
+
+def _previous_set(data_dir: Path) -> dict[str, Any] | None:
+    """``meta.json`` of the complete set in ``data_dir``; None when there is none to reuse.
+
+    No ``meta.json`` means no set, or a preparation killed before its commit: prepare afresh. A ``meta.json``
+    whose files disagree with it (truncated, missing) or of another format version is never left by a kill;
+    it is refused in words rather than overwritten, since another gptlit version or a copy may still need it.
+    """
+    if not (data_dir / META_FILE).is_file():
+        return None
+    meta = read_meta(data_dir)
+    try:
+        check_files(data_dir, meta)
+        if not isinstance(meta["settings"], dict):
+            raise TypeError("settings is not a mapping")
+    except (KeyError, TypeError) as err:
+        raise DataError(f"{data_dir / META_FILE} is malformed ({err}); {redo_hint(data_dir)}") from err
+    return meta
+
+
+def _unwritable(data_dir: Path, err: BaseException) -> DataError:
+    why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    filename = err.filename if isinstance(err, OSError) else None
+    where = f" ({filename})" if filename and Path(filename) != data_dir else ""
+    return DataError(
+        f"cannot write {data_dir}: {why}{where}; free some disk space or choose a writable --data.data_dir"
+    )
 
 
 def _say(message: str) -> None:
@@ -282,11 +317,7 @@ def prepare_dataset(
     """
     data_dir = Path(data_dir)
     stories: StorySource = open_source(source)  # resolved, not yet opened: no network, no datasets
-    try:
-        old_meta: dict[str, Any] | None = read_meta(data_dir)
-        check_files(data_dir, old_meta)
-    except (DataError, KeyError, TypeError):
-        old_meta = None
+    old_meta = _previous_set(data_dir)
     tokenizer_file, trained_with, train_reason = _choose_tokenizer(
         data_dir, tokenizer_path, vocab_size, tokenizer_train_stories, old_meta
     )
@@ -308,14 +339,20 @@ def prepare_dataset(
     reason = train_reason or ("no complete earlier preparation" if old_meta is None else f"{changed} changed")
     _say(f"preparing {data_dir} from {source} ({reason})")
 
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _unwritable(data_dir, err) from err
     try:
         if tokenizer is None:
             n = "all" if tokenizer_train_stories is None else f"the first {tokenizer_train_stories:,}"
             _say(f"training a {vocab_size}-token tokenizer on {n} training stories")
             texts = (text for split, text in stories.stories(val_fraction, seed) if split == "train")
             tokenizer = train_tokenizer(islice(texts, tokenizer_train_stories), vocab_size)
-            tokenizer.save(data_dir / (TOKENIZER_FILE + TMP_SUFFIX))
+            try:
+                tokenizer.save(data_dir / (TOKENIZER_FILE + TMP_SUFFIX))
+            except Exception as err:  # tokenizers reports a failed write as a bare Exception
+                raise _unwritable(data_dir, err) from err
             settings["tokenizer_sha256"] = tokenizer.sha256
         if vocab_size is not None and tokenizer.vocab_size > vocab_size:
             raise DataError(
@@ -326,7 +363,10 @@ def prepare_dataset(
         counts = write_bins(stories.stories(val_fraction, seed), tokenizer, data_dir, dtype)
         for split in SPLITS:
             if counts[split]["stories"] == 0:
-                raise DataError(f"{source}: no {split} stories (the source is empty after dropping blank stories)")
+                raise DataError(
+                    f"{source}: no {split} stories (the source is empty after dropping blank stories); "
+                    "point --data.source at a corpus of at least two stories"
+                )
         meta = {
             "format_version": FORMAT_VERSION,
             "dtype": dtype.name,
@@ -343,6 +383,10 @@ def prepare_dataset(
         if train_reason is not None:
             names.append(TOKENIZER_FILE)
         _rename_into_place(data_dir, [*names, META_FILE])
+    except OSError as err:
+        if isinstance(err.filename, str) and data_dir not in Path(err.filename).parents:
+            raise  # not one of data_dir's files: reading the source failed
+        raise _unwritable(data_dir, err) from err
     finally:
         _remove_temporaries(data_dir)  # this run's, or leftovers of a killed one (overwritten, never read)
     splits = ", ".join(f"{s} {c['tokens']:,} tokens in {c['stories']:,} stories" for s, c in counts.items())

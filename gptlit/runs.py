@@ -60,7 +60,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0]
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")  # what it would run
         raise UsageError(
             f"refusing to load {path}: it holds pickled objects that are not plain tensors and could run code "
             f"({reason}); only load checkpoints written by gptlit"
@@ -72,14 +73,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def check_same_shape(checkpoint: dict[str, Any], config: dict[str, Any], path: str | Path) -> None:
-    """Refuse to resume a checkpoint into a model of another shape, naming the first field that differs."""
+def check_same_shape(
+    checkpoint: dict[str, Any], config: dict[str, Any], path: str | Path, data_vocab_size: int | None = None
+) -> None:
+    """Refuse to resume a checkpoint into a model of another shape, naming the first field that differs.
+
+    ``config`` holds the ``model`` settings; ``vocab_size`` is not among them (it is linked from the data
+    module when the classes are built), so the configured ``data.vocab_size`` is checked on its own.
+    """
     saved = checkpoint["gptlit"]["config"]
+    asked = {**config, "vocab_size": data_vocab_size} if data_vocab_size is not None else config
     for name, value in saved.items():
-        if name in config and config[name] != value:
+        if name in asked and asked[name] != value:
+            group = "data" if name == "vocab_size" else "model"
             raise UsageError(
-                f"{path} holds a model with {name}={value}, but the config asks for {name}={config[name]}; "
-                f"resume with the run's own config, or set model.{name}: {value}"
+                f"{path} holds a model with {name}={value}, but the config asks for {name}={asked[name]}; "
+                f"resume with the run's own config, or set {group}.{name}: {value}"
             )
 
 

@@ -206,7 +206,7 @@ def open_source(source: str) -> StorySource:
     if path.is_dir():
         return _directory_source(source, path)
     if path.suffix.lower() in BUILDERS or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source):
-        raise DataError(f"{source}: no such file or directory")
+        raise DataError(f"{source}: no such file or directory; check --data.source")
     return _hub_source(source)
 
 

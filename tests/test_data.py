@@ -320,8 +320,11 @@ def test_truncated_bin(prepared: Path, tmp_path: Path) -> None:
         f.truncate(f.seek(0, os.SEEK_END) - 1)
     with pytest.raises(DataError, match=r"train\.bin is truncated.*delete"):
         make_dm(data_dir, prepared / "stories.txt").setup("fit")
-    make_dm(data_dir, prepared / "stories.txt").prepare_data()  # not accepted as up to date: prepared again
-    assert (data_dir / "train.bin").read_bytes() == (prepared / "data" / "train.bin").read_bytes()
+    # Not left by a kill (meta.json is written last), so neither reused nor silently overwritten.
+    truncated = (data_dir / "train.bin").read_bytes()
+    with pytest.raises(DataError, match=r"train\.bin is truncated.*delete"):
+        make_dm(data_dir, prepared / "stories.txt").prepare_data()
+    assert (data_dir / "train.bin").read_bytes() == truncated
 
 
 def test_ids_beyond_the_vocabulary(prepared: Path, tmp_path: Path) -> None:
@@ -362,6 +365,17 @@ def test_tokenizer_larger_than_vocab_size(prepared: Path, tmp_path: Path) -> Non
         make_dm(
             tmp_path / "data", prepared / "stories.txt", tokenizer_path=tmp_path / "big.json", vocab_size=300
         ).prepare_data()
+
+
+def test_read_only_data_dir(prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests run as root, whom chmod does not stop: the refusal a read-only file system gives is simulated."""
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(DataError, match=r"cannot write .*data: Permission denied; .*writable --data\.data_dir"):
+        make_dm(tmp_path / "data", prepared / "stories.txt").prepare_data()
 
 
 # Windows, sampler and resumable loader ---------------------------------------------------------------

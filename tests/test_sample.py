@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from test_train import run_cli, write_config
 
 from gptlit.runs import load_model
@@ -95,34 +94,6 @@ def test_interactive_loop_ends_on_quit_and_on_end_of_input(
     monkeypatch.setattr("sys.stdin", io.StringIO("Ben\n"))  # then end of input
     out, _ = sample_out(capsys, "--interactive", "true", "--max_new_tokens", "5", "--seed", "0")
     assert "Ben" in out
-
-
-class _RunsCode:
-    """Unpickling this calls os.mkdir(path): the stand-in for a malicious checkpoint's payload."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (os.mkdir, (self.path,))
-
-
-@pytest.mark.parametrize(
-    ("make", "message"),
-    [
-        (lambda d: {"state_dict": {}, "gptlit": {}, "payload": _RunsCode(str(d / "pwned"))}, "refusing to load"),
-        (lambda d: {"state_dict": {"weight": torch.zeros(2)}}, "not a gptlit checkpoint"),
-    ],
-    ids=["pickle-that-runs-code", "not-gptlit"],
-)
-def test_bad_checkpoints_are_refused(tmp_path: Path, capsys, make, message: str) -> None:
-    path = tmp_path / "bad.ckpt"
-    torch.save(make(tmp_path), path)
-    with pytest.raises(SystemExit) as failed:
-        run_cli("sample", "--ckpt_path", str(path))
-    assert failed.value.code == 1
-    assert message in capsys.readouterr().err.strip().splitlines()[-1]
-    assert not (tmp_path / "pwned").exists()  # the payload never ran
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,57 @@
+"""Test-only callbacks that a `python -m gptlit fit` subprocess loads by class path (PYTHONPATH=tests).
+
+Given on the command line, e.g. ``--trainer.callbacks+={"class_path": "probes.PoisonAt", "init_args": {"step": 9}}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class PoisonAt(L.Callback):
+    """Sets one weight to NaN before optimizer step ``step`` (0-based), so that step's loss is NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.wte.weight[0, 0] = math.nan
+
+
+class RecordBatches(L.Callback):
+    """Writes ``<out_dir>/rank<r>-from<first step>.json``: per optimizer step, a hash of each window in the batch."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.steps: dict[int, list[str]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        x, _ = batch
+        self.steps[trainer.global_step] = [hashlib.sha1(row.numpy().tobytes()).hexdigest()[:16] for row in x.cpu()]
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"rank{trainer.global_rank}-from{min(self.steps)}.json"
+        path.write_text(json.dumps({str(step): rows for step, rows in self.steps.items()}))
+
+
+class Ballast(L.Callback):
+    """Adds ``megabytes`` of zeros to every checkpoint, so that writing one takes a real share of each step.
+
+    The checkpoint of a tiny test model is written in a millisecond; a real model's takes seconds. Training
+    is unchanged: Lightning ignores the extra entry when it resumes.
+    """
+
+    def __init__(self, megabytes: int) -> None:
+        self.megabytes = megabytes
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint["ballast"] = torch.zeros(self.megabytes << 18)  # float32: 4 bytes each

@@ -1,0 +1,367 @@
+"""Bad inputs, one row each: the real command line fails with one line that names the problem and what to do.
+
+Every row runs ``python -m gptlit ...`` in a fresh copy of a small workspace (a corpus, a config, prepared data
+and a trained run) and checks the exit code, that stderr holds no Python traceback, that its last line is
+``gptlit: error: ...`` naming the problem, and that no file that was there before has changed. To add a case,
+add a row to CASES. The rows run two at a time (each process spends ~4 s importing Lightning).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import make_stories
+from test_train import write_config
+
+from gptlit.cli import cli_main
+from gptlit.tokenizer import train_tokenizer
+
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).parent
+LONG_PROMPT = "Lily saw the big red ball in the park and ran to it. " * 20  # ~300 tokens; block_size is 32
+POISON = '{"class_path": "probes.PoisonAt", "init_args": {"step": 9}}'
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: what to set up, the command, and what the user must see."""
+
+    name: str
+    command: str  # after `python -m gptlit`, shell-quoted, run in the workspace copy
+    message: str  # in the last stderr line (the error), or at the start of stdout when code is 0
+    code: int = 1
+    setup: Callable[[Path], None] | None = None
+    check: Callable[[Path], None] | None = None  # more assertions on the workspace copy afterwards
+    runs_here: bool = True  # False: skipped on this machine
+
+
+# Setups: each changes the workspace copy it is given ----------------------------------------------------
+
+
+def edit_config(old: str, new: str) -> Callable[[Path], None]:
+    def setup(ws: Path) -> None:
+        (ws / "bad.yaml").write_text((ws / "run.yaml").read_text().replace(old, new))
+
+    return setup
+
+
+def write_empty_corpus(ws: Path) -> None:
+    (ws / "empty.txt").write_text("\n  \n<|endoftext|>\n\n<|endoftext|>\n")
+
+
+def truncate_train_bin(ws: Path) -> None:
+    with open(ws / "data" / "train.bin", "r+b") as f:
+        f.truncate(f.seek(0, os.SEEK_END) - 1)  # an odd byte count: not whole uint16 ids
+
+
+def put_id_beyond_vocab(ws: Path) -> None:
+    tokens = np.memmap(ws / "data" / "val.bin", dtype=np.uint16, mode="r+")
+    tokens[len(tokens) // 2] = 400  # the vocabulary has 320
+    tokens.flush()
+
+
+def set_meta_version(ws: Path) -> None:
+    meta = json.loads((ws / "data" / "meta.json").read_text())
+    (ws / "data" / "meta.json").write_text(json.dumps({**meta, "format_version": 0}))
+
+
+def write_other_tokenizer(ws: Path) -> None:
+    train_tokenizer(make_stories(300, seed=5), vocab_size=320).save(ws / "other.json")
+
+
+def remove_runs(ws: Path) -> None:
+    shutil.rmtree(ws / "lightning_logs")
+
+
+def nothing_started(ws: Path) -> None:
+    assert not (ws / "lightning_logs").exists()
+
+
+def write_plain_ckpt(ws: Path) -> None:
+    torch.save({"state_dict": {"weight": torch.zeros(2)}}, ws / "plain.ckpt")
+
+
+class RunsCode:
+    """Unpickling this calls os.mkdir('pwned'): the stand-in for a malicious checkpoint's payload."""
+
+    def __reduce__(self):
+        return (os.mkdir, ("pwned",))
+
+
+def write_unsafe_checkpoint(ws: Path) -> None:
+    torch.save({"state_dict": {}, "gptlit": {}, "payload": RunsCode()}, ws / "evil.ckpt")
+
+
+def payload_never_ran(ws: Path) -> None:
+    assert not (ws / "pwned").exists()
+
+
+def write_wide_vocabulary(ws: Path) -> None:
+    """A tokenizer of 70,320 tokens and stories that use ids above 65,535."""
+    tokenizer = train_tokenizer(make_stories(300), vocab_size=320)
+    tokenizer.hf.add_tokens([f"<w{i}>" for i in range(70_000)])  # ids 320 .. 70,319
+    tokenizer.save(ws / "wide.json")
+    stories = [f"{story} <w{69_990 + i % 10}> <w{i}>" for i, story in enumerate(make_stories(400))]
+    (ws / "wide.txt").write_text("".join(f"{s}\n<|endoftext|>\n" for s in stories), encoding="utf-8")
+
+
+def wide_ids_survive(ws: Path) -> None:
+    meta = json.loads((ws / "wide" / "meta.json").read_text())
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_320
+    assert np.fromfile(ws / "wide" / "train.bin", dtype=np.uint32).max() == 70_319  # <w69999>
+    saved = torch.load(ws / "lightning_logs" / "wide" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["gptlit"]["config"]["vocab_size"] == 70_320 and saved["global_step"] == 2
+
+
+def point_at_dev_full(ws: Path) -> None:
+    (ws / "full").mkdir()
+    (ws / "full" / "train.bin.tmp").symlink_to("/dev/full")  # every write to it fails with ENOSPC
+
+
+def write_blocking_file(ws: Path) -> None:
+    (ws / "blocker").write_text("a file where the data directory's parent should be")
+
+
+def last_good_checkpoint_kept(ws: Path) -> None:
+    saved = torch.load(ws / "lightning_logs" / "nan" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 8  # the checkpoint before the NaN step
+    assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
+
+
+# The table -----------------------------------------------------------------------------------------------
+
+CASES = [
+    Case("missing config file", "fit --config missing.yaml", "missing.yaml", code=2),
+    Case(
+        "unknown key in YAML", "fit --config bad.yaml", "model.embed_dimm", 2, edit_config("embed_dim:", "embed_dimm:")
+    ),
+    Case(
+        "wrongly typed YAML value",
+        "fit --config bad.yaml",
+        "model.n_layers",
+        2,
+        edit_config("n_layers: 2", "n_layers: x"),
+    ),
+    Case("unknown command", "fitt", "unknown command 'fitt'", code=2),
+    Case("missing data source", "prepare --config run.yaml --data.source nowhere.txt", "nowhere.txt: no such file"),
+    Case(
+        "empty corpus",
+        "prepare --config run.yaml --data.source empty.txt",
+        "empty.txt: no train stories",
+        setup=write_empty_corpus,
+    ),
+    Case(".bin truncated to an odd size", "fit --ckpt_path last", "train.bin is truncated", setup=truncate_train_bin),
+    Case(
+        "token id >= vocab in a .bin", "fit --ckpt_path last", "val.bin holds token id 400", setup=put_id_beyond_vocab
+    ),
+    Case("meta.json of another version", "fit --ckpt_path last", "has format version 0", setup=set_meta_version),
+    Case("vocab size other than the checkpoint's", "fit --ckpt_path last --data.vocab_size 400", "vocab_size=320"),
+    Case(
+        "tokenizer other than the checkpoint's",
+        "fit --ckpt_path last --data.tokenizer_path other.json --data.data_dir other",
+        "another tokenizer than other.json",
+        setup=write_other_tokenizer,
+    ),
+    Case(
+        "checkpoint of another model shape",
+        "fit --config run.yaml --run_name wider --model.embed_dim 64 "
+        "--ckpt_path lightning_logs/run/checkpoints/last.ckpt",
+        "holds a model with embed_dim=32",
+    ),
+    Case(
+        "--ckpt_path last with no run",
+        "fit --ckpt_path last",
+        "no run to resume",
+        setup=remove_runs,
+        check=nothing_started,
+    ),
+    Case("not a gptlit checkpoint", "sample --ckpt_path plain.ckpt", "not a gptlit checkpoint", setup=write_plain_ckpt),
+    *[
+        Case(
+            f"pickle that runs code, to {command.split()[0]}",
+            command,
+            "refusing to load evil.ckpt",
+            setup=write_unsafe_checkpoint,
+            check=payload_never_ran,
+        )
+        for command in (
+            "sample --ckpt_path evil.ckpt",
+            "export --ckpt_path evil.ckpt --out_dir hf",
+            # Lightning told to unpickle anything: gptlit's weights-only check still comes first.
+            "fit --config run.yaml --run_name evil --ckpt_path evil.ckpt --weights_only false",
+        )
+    ],
+    Case(
+        "NaN loss",
+        f"fit --config run.yaml --run_name nan {shlex.quote('--trainer.callbacks+=' + POISON)}",
+        "training loss is nan at step 9",
+        check=last_good_checkpoint_kept,
+    ),
+    Case(
+        "hub source while offline",
+        "prepare --config run.yaml --data.source roneneldan/TinyStories --data.data_dir hub",
+        "HF_HUB_OFFLINE is set",
+    ),
+    Case(
+        "disk full while preparing",
+        "prepare --config run.yaml --data.data_dir full",
+        "cannot write full: No space left on device",
+        setup=point_at_dev_full,
+        runs_here=Path("/dev/full").is_char_device(),
+    ),
+    Case(
+        "output directory not writable",
+        "prepare --config run.yaml --data.data_dir blocker/data",
+        "cannot write blocker/data: Not a directory",
+        setup=write_blocking_file,
+    ),
+    Case(
+        "run directory not writable",
+        "fit --config run.yaml --run_name elsewhere --trainer.default_root_dir blocker/runs",
+        "Not a directory",
+        setup=write_blocking_file,
+    ),
+    # Not errors: these must work.
+    Case(
+        "prompt longer than block_size",
+        f"sample --prompt {shlex.quote(LONG_PROMPT)} --max_new_tokens 5 --seed 0",
+        LONG_PROMPT,
+        code=0,
+    ),
+    Case(
+        "vocab_size above 65,535",
+        "fit --config run.yaml --run_name wide --data.source wide.txt --data.tokenizer_path wide.json "
+        "--data.vocab_size 70320 --data.data_dir wide --data.batch_size 4 --trainer.max_steps 2",
+        "",
+        code=0,
+        setup=write_wide_vocabulary,
+        check=wide_ids_survive,
+    ),
+]
+
+
+# Running them --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A corpus, ``run.yaml``, prepared data (``data``) and a run trained for 8 steps (``lightning_logs/run``)."""
+    ws = tmp_path_factory.mktemp("workspace")
+    (ws / "stories.txt").write_text("".join(f"{s}\n<|endoftext|>\n" for s in make_stories(400)), encoding="utf-8")
+    config = yaml.safe_load(write_config(ws, name="run").read_text())
+    # The copies read this corpus (a copy would be another source: its path is in the data's fingerprint)
+    # and write their own data directory.
+    config["data"].update(source=str(ws / "stories.txt"), data_dir="data")
+    (ws / "run.yaml").write_text(yaml.safe_dump(config))
+    cwd = os.getcwd()
+    os.chdir(ws)
+    try:
+        cli_main(["fit", "--config", "run.yaml", "--trainer.max_steps", "8"])
+    finally:
+        os.chdir(cwd)
+    return ws
+
+
+def snapshot(ws: Path) -> dict[str, str]:
+    """Every regular file under ``ws`` and a hash of its bytes."""
+    return {
+        str(p.relative_to(ws)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in ws.rglob("*")
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+@dataclass
+class Outcome:
+    ws: Path
+    before: dict[str, str]
+    result: subprocess.CompletedProcess
+
+
+def run_case(case: Case, workspace: Path, root: Path) -> Outcome:
+    ws = root / "ws"
+    shutil.copytree(workspace, ws, symlinks=True)
+    if case.setup is not None:
+        case.setup(ws)
+    before = snapshot(ws)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(TESTS)}
+    env.pop("GPTLIT_DEBUG", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "gptlit", *shlex.split(case.command)],
+        cwd=ws,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return Outcome(ws, before, result)
+
+
+@pytest.fixture(scope="module")
+def outcomes(request: pytest.FixtureRequest, workspace: Path, tmp_path_factory) -> dict[str, Outcome]:
+    """The selected rows, run two at a time."""
+    selected = [
+        item.callspec.params["case"]
+        for item in request.session.items
+        if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params
+    ]
+    selected = [case for case in selected if case.runs_here]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {
+            case.name: pool.submit(run_case, case, workspace, tmp_path_factory.mktemp("case")) for case in selected
+        }
+        return {name: future.result() for name, future in futures.items()}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, id=c.name, marks=() if c.runs_here else pytest.mark.skip(reason="not here")) for c in CASES],
+)
+def test_bad_input(case: Case, outcomes: dict[str, Outcome]) -> None:
+    outcome = outcomes[case.name]
+    result, stderr = outcome.result, outcome.result.stderr
+    assert result.returncode == case.code, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    if case.code != 0:
+        last_line = stderr.strip().splitlines()[-1]
+        assert last_line.startswith("gptlit: error: "), last_line
+        assert case.message in last_line, last_line
+    else:
+        assert result.stdout.startswith(case.message)
+    after = snapshot(outcome.ws)
+    changed = [path for path, digest in outcome.before.items() if after.get(path) != digest]
+    assert not changed, f"changed or removed: {changed}"
+    if case.check is not None:
+        case.check(outcome.ws)
+
+
+def test_offline_hub_source_fails_within_two_seconds(tmp_path: Path) -> None:
+    """Timed inside the process, from the command to the error: Lightning's import is not the hub's fault."""
+    program = (
+        "import time, gptlit.cli\n"
+        "start = time.monotonic()\n"
+        "try:\n"
+        "    gptlit.cli.cli_main(['prepare', '--data.source', 'roneneldan/TinyStories', '--data.data_dir', 'data'])\n"
+        "finally:\n"
+        "    print(time.monotonic() - start)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 1 and "HF_HUB_OFFLINE is set" in result.stderr.strip().splitlines()[-1]
+    assert float(result.stdout.split()[-1]) < 2.0
+    assert not (tmp_path / "data").exists()
