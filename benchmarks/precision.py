@@ -45,6 +45,7 @@ def train(precision: str, steps: int, data: TinyStoriesDataModule, work: str) ->
         precision=precision,
         gradient_clip_val=1.0,
         val_check_interval=steps,
+        check_val_every_n_epoch=None,
         limit_val_batches=20,
         logger=False,
         enable_checkpointing=False,
