@@ -81,6 +81,17 @@ _BLOCK_NAMES = {
 }
 
 
+def _name_pairs(config: GPTConfig):
+    """(gptlit name, GPT-NeoX name) of every weight both models store (the tied head aside)."""
+    yield "wte.weight", "gpt_neox.embed_in.weight"
+    yield "norm_f.weight", "gpt_neox.final_layer_norm.weight"
+    yield "norm_f.bias", "gpt_neox.final_layer_norm.bias"
+    for i in range(config.n_layers):
+        for ours, theirs in _BLOCK_NAMES.items():
+            for kind in ("weight", "bias"):
+                yield f"blocks.{i}.{ours}.{kind}", f"gpt_neox.layers.{i}.{theirs}.{kind}"
+
+
 def to_neox_state_dict(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """gptlit GPT state_dict -> GPTNeoXForCausalLM state_dict.
 
@@ -88,35 +99,23 @@ def to_neox_state_dict(state_dict: dict[str, torch.Tensor], config: GPTConfig) -
     own name differs between transformers releases (``embed_out`` in 4.x, ``lm_head`` in 5.x).
     """
     check_neox_compatible(config)
-    out = {
-        "gpt_neox.embed_in.weight": state_dict["wte.weight"],
-        "gpt_neox.final_layer_norm.weight": state_dict["norm_f.weight"],
-        "gpt_neox.final_layer_norm.bias": state_dict["norm_f.bias"],
-    }
-    for i in range(config.n_layers):
-        for ours, theirs in _BLOCK_NAMES.items():
-            for kind in ("weight", "bias"):
-                tensor = state_dict[f"blocks.{i}.{ours}.{kind}"]
-                if ours == "attn.qkv":
-                    tensor = _qkv_to_neox(tensor, config.n_heads)
-                out[f"gpt_neox.layers.{i}.{theirs}.{kind}"] = tensor
-    return {name: t.detach().clone().contiguous() for name, t in out.items()}
+    out = {}
+    for ours, theirs in _name_pairs(config):
+        tensor = state_dict[ours]
+        if ".attn.qkv." in ours:
+            tensor = _qkv_to_neox(tensor, config.n_heads)
+        out[theirs] = tensor.detach().clone().contiguous()
+    return out
 
 
 def from_neox_state_dict(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """GPTNeoXForCausalLM state_dict -> gptlit GPT state_dict (inverse of :func:`to_neox_state_dict`)."""
     check_neox_compatible(config)
-    out = {
-        "wte.weight": state_dict["gpt_neox.embed_in.weight"],
-        "lm_head.weight": state_dict["gpt_neox.embed_in.weight"],
-        "norm_f.weight": state_dict["gpt_neox.final_layer_norm.weight"],
-        "norm_f.bias": state_dict["gpt_neox.final_layer_norm.bias"],
-    }
-    for i in range(config.n_layers):
-        for ours, theirs in _BLOCK_NAMES.items():
-            for kind in ("weight", "bias"):
-                tensor = state_dict[f"gpt_neox.layers.{i}.{theirs}.{kind}"]
-                if ours == "attn.qkv":
-                    tensor = _qkv_from_neox(tensor, config.n_heads)
-                out[f"blocks.{i}.{ours}.{kind}"] = tensor
-    return {name: t.detach().clone() for name, t in out.items()}
+    out = {}
+    for ours, theirs in _name_pairs(config):
+        tensor = state_dict[theirs]
+        if ".attn.qkv." in ours:
+            tensor = _qkv_from_neox(tensor, config.n_heads)
+        out[ours] = tensor.detach().clone()
+    out["lm_head.weight"] = out["wte.weight"]
+    return out
