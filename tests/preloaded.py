@@ -44,7 +44,7 @@ def _child(args: list[str], cwd: str, log: str) -> None:
 
 
 def serve() -> None:
-    import gptlit.cli  # noqa: F401  (the point: imported once, before any fork)
+    import gptlit.cli
 
     def reply(message: dict) -> None:
         sys.stdout.write(json.dumps(message) + "\n")

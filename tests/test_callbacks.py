@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_train import MODEL, params, run_cli, workdir, write_config  # noqa: F401  (workdir is a fixture)
+from test_train import MODEL, params, run_cli, workdir, write_config
 
 from gptlit.callbacks import TextSamples, sample_markdown
 from gptlit.generate import generate
@@ -43,7 +43,7 @@ def test_sample_markdown_keeps_line_breaks_and_shows_text_literally() -> None:
     assert text == "**Once \\*upon\\*** a time.  \nThe end\\_"
 
 
-def test_samples_are_logged_at_each_validation_and_leave_training_unchanged(workdir: Path) -> None:  # noqa: F811
+def test_samples_are_logged_at_each_validation_and_leave_training_unchanged(workdir: Path) -> None:
     # Dropout draws from the global RNG at every step: were sampling to draw from it too, the run with
     # samples would end with other weights than the run without.
     config = write_config(workdir, max_steps=8, val_check_interval=4)  # validations at steps 4 and 8
@@ -80,7 +80,7 @@ def test_samples_are_logged_at_each_validation_and_leave_training_unchanged(work
         assert logged[-1][1] == sample_markdown(prompt, tokenizer.decode(new_ids))
 
 
-def test_every_n_validations_and_resume(workdir: Path) -> None:  # noqa: F811
+def test_every_n_validations_and_resume(workdir: Path) -> None:
     config = write_config(workdir, max_steps=4, val_check_interval=2)  # validations at steps 2 and 4
     args = {"prompts": ["Mia"], "max_new_tokens": 4, "every_n_validations": 2}
     run_cli("fit", "--config", str(config), text_samples(**args))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
-from test_train import run_cli, workdir, write_config  # noqa: F401  (workdir is a fixture)
+from test_train import run_cli, workdir, write_config
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from gptlit.cli import GPTLitCLI, _is_rank_zero, make_cli
@@ -69,7 +69,7 @@ def _error_line(capsys: pytest.CaptureFixture) -> str:
     return lines[-1]
 
 
-def test_a_second_fresh_run_of_the_same_name_is_refused_and_loses_nothing(workdir: Path, capsys) -> None:  # noqa: F811
+def test_a_second_fresh_run_of_the_same_name_is_refused_and_loses_nothing(workdir: Path, capsys) -> None:
     config = write_config(workdir, max_steps=4)
     run_cli("fit", "--config", str(config))
     last = workdir / "lightning_logs" / "run" / "checkpoints" / "last.ckpt"
@@ -85,7 +85,7 @@ def test_a_second_fresh_run_of_the_same_name_is_refused_and_loses_nothing(workdi
     assert (workdir / "lightning_logs" / "second" / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_resuming_into_another_model_shape_is_refused(workdir: Path, capsys) -> None:  # noqa: F811
+def test_resuming_into_another_model_shape_is_refused(workdir: Path, capsys) -> None:
     config = write_config(workdir, max_steps=4)
     run_cli("fit", "--config", str(config))
     with pytest.raises(SystemExit) as failed:
@@ -98,7 +98,7 @@ def test_resuming_into_another_model_shape_is_refused(workdir: Path, capsys) -> 
     assert ckpt["global_step"] == 4
 
 
-def test_a_checkpoint_file_without_config_resumes_its_run(workdir: Path) -> None:  # noqa: F811
+def test_a_checkpoint_file_without_config_resumes_its_run(workdir: Path) -> None:
     run_cli("fit", "--config", str(write_config(workdir, max_steps=4)))
     last = workdir / "lightning_logs" / "run" / "checkpoints" / "last.ckpt"
     run_cli("fit", "--ckpt_path", str(last), "--trainer.max_steps", "6")  # the run's config.yaml, not the defaults
@@ -106,7 +106,7 @@ def test_a_checkpoint_file_without_config_resumes_its_run(workdir: Path) -> None
     assert sorted(p.name for p in (workdir / "lightning_logs").iterdir()) == ["run"]
 
 
-def test_resuming_with_a_larger_max_steps_continues_the_run(workdir: Path) -> None:  # noqa: F811
+def test_resuming_with_a_larger_max_steps_continues_the_run(workdir: Path) -> None:
     config = write_config(workdir, max_steps=4)
     run_cli("fit", "--config", str(config))
     run_cli("fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "6")
@@ -114,7 +114,7 @@ def test_resuming_with_a_larger_max_steps_continues_the_run(workdir: Path) -> No
     assert ckpt["global_step"] == 6
 
 
-def test_prepare_subcommand_prepares_only_the_data(workdir: Path) -> None:  # noqa: F811
+def test_prepare_subcommand_prepares_only_the_data(workdir: Path) -> None:
     config = write_config(workdir)
     run_cli("prepare", "--config", str(config))
     assert (workdir / "data" / "meta.json").is_file()

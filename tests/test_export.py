@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from test_sample import trained  # noqa: F401  (a module-scoped fixture: one tiny training run)
+from test_sample import trained
 from test_train import run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -24,7 +24,7 @@ TEXTS = ["Once upon a time, Lily saw a big dog.", "Tom said “Yes!” and smile
 
 
 @pytest.fixture(scope="module")
-def exported(trained: Path) -> tuple[Path, Path]:  # noqa: F811
+def exported(trained: Path) -> tuple[Path, Path]:
     ckpt = trained / "lightning_logs" / "run" / "checkpoints" / "last.ckpt"
     out_dir = trained / "hf"
     run_cli("export", "--ckpt_path", str(ckpt), "--out_dir", str(out_dir))

@@ -7,7 +7,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
-from test_train import run_cli, workdir, write_config  # noqa: F401  (workdir is a fixture)
+from test_train import run_cli, workdir, write_config
 
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "sample.ipynb"
 PROMPTS = ["Once upon a time", "Lily and Ben went to the park.", "The little dog"]  # the notebook's
@@ -38,7 +38,7 @@ def test_notebook_is_stored_clean() -> None:
 
 
 @pytest.mark.slow
-def test_notebook_runs_on_the_latest_run(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_notebook_runs_on_the_latest_run(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run_cli("fit", "--config", str(write_config(workdir, max_steps=4, val_check_interval=4)))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # As papermill injects parameters: a cell right after the tagged one. CKPT_PATH stays None, as users have it.
