@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from gptlit.draft import NgramDraft
 from gptlit.model import GPT
 
 Prompts = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
@@ -61,6 +62,27 @@ def _check_args(rows, vocab_size, max_new_tokens, temperature, top_k, top_p) -> 
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
 
 
+def _feed(model: GPT, last: torch.Tensor, guess: list[int], pos: int) -> tuple[torch.Tensor, list[int]]:
+    """Feed last (B, 1) at cache position pos, followed by the guessed tokens of row 0 (B must be 1 then).
+
+    Returns the logits (B, V) after the last token the model confirmed, and the confirmed guesses: the
+    longest prefix of ``guess`` that greedy decoding would itself have produced.
+    """
+    fed = torch.cat((last, torch.tensor([guess], dtype=torch.long, device=last.device)), dim=1) if guess else last
+    input_pos = torch.arange(pos, pos + fed.size(1), device=last.device)
+    logits = model(fed, input_pos=input_pos)  # (B, 1 + len(guess), V)
+    confirmed: list[int] = []
+    if guess:
+        predicted = logits[0, :-1].argmax(dim=-1).tolist()  # the greedy token after each fed one
+        for token, greedy in zip(guess, predicted, strict=True):
+            if token != greedy:
+                break
+            confirmed.append(token)
+    # Keys and values of rejected guesses stay in the cache past the confirmed positions: no query
+    # attends to a position after its own, and the next tokens fed overwrite them.
+    return logits[:, len(confirmed)], confirmed
+
+
 @torch.inference_mode()
 def generate_stream(
     model: GPT,
@@ -71,6 +93,7 @@ def generate_stream(
     top_p: float | None = None,
     eos_id: int | None = None,
     seed: int | None = None,
+    draft_tokens: int = 8,
 ) -> Iterator[dict[int, int]]:
     """Generate token by token; each step yields {prompt index: new token id} for the prompts still going.
 
@@ -82,6 +105,11 @@ def generate_stream(
     position 0 to refill the cache, and generation goes on. Where the window starts is a function of
     the sequence length alone (a prompt longer than block_size is cut on the same schedule), so a row
     in a batch slides exactly when it would alone.
+
+    Greedy decoding of one prompt feeds, with each token, up to ``draft_tokens`` guesses of the tokens
+    after it (`gptlit.draft.NgramDraft`) and keeps those the model's own argmax confirms: one forward pass
+    can then yield several tokens, and the tokens are the greedy ones (equal up to float rounding of
+    the logits, as with any change of batch shape).
     """
     rows = _as_rows(prompt_ids)
     config = model.config
@@ -111,6 +139,8 @@ def generate_stream(
         input_pos = torch.arange(end - start, device=device)
         return model(tokens[:, start:end], input_pos=input_pos)[:, -1]
 
+    drafts = NgramDraft(rows[0]) if B == 1 and temperature == 0 and draft_tokens > 0 else None
+    confirmed: list[int] = []  # drafted tokens the model confirmed, already in the cache, still to be emitted
     was_training = model.training
     model.eval()
     model.set_kv_cache(B, window, device=device)
@@ -119,10 +149,16 @@ def generate_stream(
         start = window_start(cur)  # the cache holds tokens[:, start:cur] at positions 0..
         logits = prefill(start, cur)
         while True:
-            next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            if confirmed:
+                next_ids = torch.tensor(confirmed[:1], device=device)  # (1,)
+                del confirmed[0]
+            else:
+                next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             in_prompt = cur < lengths  # (B,) rows still reading their prompt
             next_ids = torch.where(in_prompt, tokens[:, cur], next_ids)
             tokens[:, cur] = next_ids
+            if drafts is not None:
+                drafts.append(int(next_ids[0]))
             step: dict[int, int] = {}
             for i, (token, reading) in enumerate(zip(next_ids.tolist(), in_prompt.tolist(), strict=True)):
                 if done[i] or reading:
@@ -138,12 +174,16 @@ def generate_stream(
             cur += 1
             if all(done):
                 return
+            if confirmed:
+                continue  # its keys and values are in the cache already
             if cur - start > window:  # no room for tokens[:, cur - 1]: slide the window
                 start = window_start(cur)  # = cur - keep
                 logits = prefill(start, cur)
-            else:
-                input_pos = torch.tensor([cur - 1 - start], device=device)
-                logits = model(tokens[:, cur - 1 : cur], input_pos=input_pos)[:, -1]
+                continue
+            guess: list[int] = []
+            if drafts is not None:
+                guess = drafts.propose(min(draft_tokens, window - (cur - start), max_new_tokens - new_counts[0] - 1))
+            logits, confirmed = _feed(model, tokens[:, cur - 1 : cur], guess, cur - 1 - start)
     finally:
         model.clear_kv_cache()
         model.train(was_training)
@@ -159,6 +199,7 @@ def generate(
     eos_id: int | None = None,
     seed: int | None = None,
     on_token: Callable[[int, int], None] | None = None,
+    draft_tokens: int = 8,
 ) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens; returns the new ids of each prompt.
 
@@ -173,10 +214,12 @@ def generate(
         seed: Seed of a private random generator: the same seed gives the same samples, and the
             global RNG is left alone.
         on_token: Called as ``on_token(prompt_index, token_id)`` for each new token, as it is produced.
+        draft_tokens: Greedy decoding of a single prompt checks up to this many guessed tokens per forward
+            pass (see `generate_stream`); 0 feeds one token at a time. The tokens are the same either way.
     """
     rows = _as_rows(prompt_ids)
     out: list[list[int]] = [[] for _ in rows]
-    stream = generate_stream(model, rows, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
+    stream = generate_stream(model, rows, max_new_tokens, temperature, top_k, top_p, eos_id, seed, draft_tokens)
     # closing: if on_token raises, the stream's cleanup (cache cleared, train mode back) runs now,
     # not whenever the traceback that holds the suspended generator is freed.
     with contextlib.closing(stream):

@@ -1,0 +1,109 @@
+"""Greedy decoding with drafted tokens (prompt lookup): the same tokens in fewer forward passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_generate import POSITIONS, prompt, reference_generate, tiny_model
+
+from gptlit.draft import NgramDraft
+from gptlit.generate import generate
+from gptlit.model import GPT
+
+
+def test_proposes_what_followed_the_latest_occurrence():
+    draft = NgramDraft([1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 1, 2])
+    # "1 2" was followed by 3 twice; the latest occurrence (index 5) goes on with 3 7 8.
+    assert draft.propose(3) == [3, 7, 8]
+    assert draft.propose(10) == [3, 7, 8, 1, 2]  # up to the end of what is known
+    draft.append(3)
+    assert draft.propose(2) == [7, 8]  # "1 2 3" matched at index 5
+
+
+def test_longer_ngram_wins_over_a_later_shorter_one():
+    draft = NgramDraft([4, 5, 6, 40, 9, 6, 50, 4, 5, 6])
+    assert draft.propose(1) == [40]  # "4 5 6" -> 40, although "6" was last followed by 50
+
+
+def test_nothing_to_propose():
+    assert NgramDraft([1, 2, 3]).propose(4) == []
+    assert NgramDraft([]).propose(4) == []
+    assert NgramDraft([1, 1]).propose(0) == []
+    assert NgramDraft([1, 2, 3, 1]).propose(4) == [2, 3, 1]
+
+
+class CountingForward:
+    """Counts the model's forward passes and the tokens fed to each decoding pass (prefills left out)."""
+
+    def __init__(self, model: GPT, monkeypatch) -> None:
+        self.calls, self.fed = 0, []
+        forward = model.forward
+
+        def counted(idx, input_pos=None):
+            self.calls += 1
+            if int(input_pos[0]) > 0:
+                self.fed.append(idx.size(1))
+            return forward(idx, input_pos=input_pos)
+
+        monkeypatch.setattr(model, "forward", counted)
+
+
+@POSITIONS
+@pytest.mark.parametrize(("length", "new", "block_size"), [(4, 28, 32), (6, 90, 16)])
+def test_drafted_greedy_equals_plain_greedy_in_fewer_passes(use_rope, length, new, block_size, monkeypatch):
+    # The second case slides the window 8 times with drafts in flight.
+    model = tiny_model(block_size=block_size, use_rope=use_rope)
+    saved = 0
+    for seed in range(4):
+        ids = prompt(length, seed=seed) * 3  # a prompt that repeats itself gives the drafts something to find
+        plain = generate(model, ids, new, temperature=0, draft_tokens=0)
+        counter = CountingForward(model, monkeypatch)
+        drafted = generate(model, ids, new, temperature=0, draft_tokens=8)
+        monkeypatch.undo()
+        assert drafted == plain
+        if len(ids) + new <= block_size:
+            assert drafted == [reference_generate(model, ids, new)]
+        assert max(counter.fed) <= 9  # at most 8 guesses with each token
+        saved += new - counter.calls
+    assert saved > 0, "no drafted token was ever confirmed"
+
+
+def test_one_token_per_pass_without_drafts(monkeypatch):
+    model = tiny_model()
+    counter = CountingForward(model, monkeypatch)
+    generate(model, prompt(5) * 2, 12, temperature=0, draft_tokens=0)
+    assert counter.calls == 12 and counter.fed == [1] * 11  # the prompt, then each new token but the last
+
+
+def test_no_drafts_for_sampling_or_batches(monkeypatch):
+    model = tiny_model()
+    counter = CountingForward(model, monkeypatch)
+    generate(model, prompt(5) * 2, 12, temperature=1.0, seed=0)
+    generate(model, [prompt(5) * 2, prompt(5) * 2], 12, temperature=0)
+    assert counter.calls == 24 and counter.fed == [1] * 22
+
+
+def test_eos_inside_confirmed_drafts_stops_there():
+    model = tiny_model()
+    ids = prompt(4, seed=1) * 3
+    plain = generate(model, ids, 30, temperature=0, draft_tokens=0)[0]
+    eos = plain[20]  # a token that comes after several confirmed drafts in this loop
+    expected = plain[: plain.index(eos)]
+    assert generate(model, ids, 30, temperature=0, eos_id=eos)[0] == expected
+
+
+@pytest.mark.parametrize("new", [1, 2, 7, 9, 10])
+def test_exactly_max_new_tokens(new):
+    model = tiny_model()
+    ids = prompt(3, seed=2) * 4
+    out = generate(model, ids, new, temperature=0)[0]
+    assert out == generate(model, ids, new, temperature=0, draft_tokens=0)[0] and len(out) == new
+
+
+def test_streamed_tokens_arrive_one_by_one_in_order():
+    model = tiny_model()
+    ids = prompt(4, seed=3) * 3
+    seen: list[int] = []
+    out = generate(model, ids, 25, temperature=0, on_token=lambda i, t: seen.append(t))
+    assert seen == out[0]
+    assert torch.equal(model.generate(torch.tensor(ids), 25, temperature=0)[0, len(ids) :], torch.tensor(out[0]))
