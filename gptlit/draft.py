@@ -36,12 +36,14 @@ class NgramDraft:
                 self.follower[n][tuple(self.tokens[last - n : last])] = last
 
     def propose(self, limit: int) -> list[int]:
-        """Up to ``limit`` tokens that may come next; empty when the last n-gram was never seen before."""
+        """``limit`` tokens that may come next; none when the last n-gram was never seen before."""
         if limit <= 0:
             return []
         for n in self.sizes:
             if len(self.tokens) >= n:
                 start = self.follower[n].get(tuple(self.tokens[-n:]))
                 if start is not None:
-                    return self.tokens[start : start + limit]
+                    # The text since that occurrence, repeated: a loop of period p gets guesses past its end.
+                    period = len(self.tokens) - start
+                    return [self.tokens[start + i % period] for i in range(limit)]
         return []

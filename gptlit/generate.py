@@ -46,12 +46,14 @@ def _as_rows(prompt_ids: Prompts) -> list[list[int]]:
     return [list(row) for row in prompt_ids]
 
 
-def _check_args(rows, vocab_size, max_new_tokens, temperature, top_k, top_p) -> None:
+def _check_args(rows, vocab_size, max_new_tokens, temperature, top_k, top_p, draft_tokens) -> None:
     if not rows or any(len(row) == 0 for row in rows):
         raise ValueError("prompt_ids must hold at least one token per prompt (start from the <bos> id)")
     bad = [t for row in rows for t in row if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"prompt_ids holds token id {bad[0]}, outside the model's vocabulary [0, {vocab_size})")
+    if not isinstance(draft_tokens, int) or draft_tokens < 0:
+        raise ValueError(f"draft_tokens must be an int >= 0 (0 feeds one token per pass), got {draft_tokens!r}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
@@ -65,22 +67,22 @@ def _check_args(rows, vocab_size, max_new_tokens, temperature, top_k, top_p) -> 
 def _feed(model: GPT, last: torch.Tensor, guess: list[int], pos: int) -> tuple[torch.Tensor, list[int]]:
     """Feed last (B, 1) at cache position pos, followed by the guessed tokens of row 0 (B must be 1 then).
 
-    Returns the logits (B, V) after the last token the model confirmed, and the confirmed guesses: the
+    Returns the logits (B, V) after the last accepted token, and the accepted guesses: the
     longest prefix of ``guess`` that greedy decoding would itself have produced.
     """
     fed = torch.cat((last, torch.tensor([guess], dtype=torch.long, device=last.device)), dim=1) if guess else last
     input_pos = torch.arange(pos, pos + fed.size(1), device=last.device)
     logits = model(fed, input_pos=input_pos)  # (B, 1 + len(guess), V)
-    confirmed: list[int] = []
+    accepted: list[int] = []
     if guess:
         predicted = logits[0, :-1].argmax(dim=-1).tolist()  # the greedy token after each fed one
         for token, greedy in zip(guess, predicted, strict=True):
             if token != greedy:
                 break
-            confirmed.append(token)
-    # Keys and values of rejected guesses stay in the cache past the confirmed positions: no query
+            accepted.append(token)
+    # Keys and values of rejected guesses stay in the cache past the accepted positions: no query
     # attends to a position after its own, and the next tokens fed overwrite them.
-    return logits[:, len(confirmed)], confirmed
+    return logits[:, len(accepted)], accepted
 
 
 @torch.inference_mode()
@@ -113,7 +115,7 @@ def generate_stream(
     """
     rows = _as_rows(prompt_ids)
     config = model.config
-    _check_args(rows, config.vocab_size, max_new_tokens, temperature, top_k, top_p)
+    _check_args(rows, config.vocab_size, max_new_tokens, temperature, top_k, top_p, draft_tokens)
     if max_new_tokens == 0:
         return
     device = model.wte.weight.device
@@ -149,9 +151,9 @@ def generate_stream(
         start = window_start(cur)  # the cache holds tokens[:, start:cur] at positions 0..
         logits = prefill(start, cur)
         while True:
-            if confirmed:
-                next_ids = torch.tensor(confirmed[:1], device=device)  # (1,)
-                del confirmed[0]
+            drafted = bool(confirmed)  # a confirmed guess: its keys and values are in the cache already
+            if drafted:
+                next_ids = torch.tensor([confirmed.pop(0)], device=device)  # (1,)
             else:
                 next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             in_prompt = cur < lengths  # (B,) rows still reading their prompt
@@ -174,15 +176,17 @@ def generate_stream(
             cur += 1
             if all(done):
                 return
-            if confirmed:
-                continue  # its keys and values are in the cache already
+            if drafted:
+                continue  # logits already follow it: they came with the pass that confirmed it
             if cur - start > window:  # no room for tokens[:, cur - 1]: slide the window
                 start = window_start(cur)  # = cur - keep
                 logits = prefill(start, cur)
                 continue
             guess: list[int] = []
             if drafts is not None:
-                guess = drafts.propose(min(draft_tokens, window - (cur - start), max_new_tokens - new_counts[0] - 1))
+                # Guesses must fit in the window; past the tokens still wanted they would only cost time.
+                room = min(draft_tokens, window - (cur - start), max_new_tokens - new_counts[0] - 1)
+                guess = drafts.propose(room)
             logits, confirmed = _feed(model, tokens[:, cur - 1 : cur], guess, cur - 1 - start)
     finally:
         model.clear_kv_cache()

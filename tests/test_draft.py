@@ -15,7 +15,7 @@ def test_proposes_what_followed_the_latest_occurrence():
     draft = NgramDraft([1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 1, 2])
     # "1 2" was followed by 3 twice; the latest occurrence (index 5) goes on with 3 7 8.
     assert draft.propose(3) == [3, 7, 8]
-    assert draft.propose(10) == [3, 7, 8, 1, 2]  # up to the end of what is known
+    assert draft.propose(7) == [3, 7, 8, 1, 2, 3, 7]  # past the end: the text since that occurrence, repeated
     draft.append(3)
     assert draft.propose(2) == [7, 8]  # "1 2 3" matched at index 5
 
@@ -29,7 +29,8 @@ def test_nothing_to_propose():
     assert NgramDraft([1, 2, 3]).propose(4) == []
     assert NgramDraft([]).propose(4) == []
     assert NgramDraft([1, 1]).propose(0) == []
-    assert NgramDraft([1, 2, 3, 1]).propose(4) == [2, 3, 1]
+    assert NgramDraft([1, 2, 3, 1]).propose(4) == [2, 3, 1, 2]
+    assert NgramDraft([5, 5]).propose(3) == [5, 5, 5]  # a token repeating itself
 
 
 class CountingForward:
@@ -46,6 +47,34 @@ class CountingForward:
             return forward(idx, input_pos=input_pos)
 
         monkeypatch.setattr(model, "forward", counted)
+
+
+def expected_passes(prompt_ids: list[int], out: list[int], draft_tokens: int, block_size: int) -> int:
+    """Decoding passes that drafted decoding takes to produce ``out`` (no window slide), replayed from the output:
+    each pass feeds the drafter's guesses, gains the guesses that match ``out``, and one token more."""
+    draft, done = NgramDraft([*prompt_ids, out[0]]), 1  # out[0] comes from the prompt's pass
+    passes = 0
+    while done < len(out):
+        room = min(draft_tokens, block_size - len(prompt_ids) - done, len(out) - done - 1)
+        guess = draft.propose(room)
+        kept = 0
+        while kept < len(guess) and guess[kept] == out[done + kept]:
+            kept += 1
+        for token in out[done : done + kept + 1]:
+            draft.append(token)
+        done += kept + 1
+        passes += 1
+    return passes
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_each_pass_yields_its_accepted_guesses_and_one_token_more(seed, monkeypatch):
+    model = tiny_model(block_size=64, seed=seed)
+    ids = prompt(5, seed=seed) * 3
+    plain = generate(model, ids, 40, temperature=0, draft_tokens=0)[0]
+    counter = CountingForward(model, monkeypatch)
+    assert generate(model, ids, 40, temperature=0)[0] == plain
+    assert counter.calls - 1 == expected_passes(ids, plain, 8, 64) < 39
 
 
 @POSITIONS
@@ -83,13 +112,16 @@ def test_no_drafts_for_sampling_or_batches(monkeypatch):
     assert counter.calls == 24 and counter.fed == [1] * 22
 
 
-def test_eos_inside_confirmed_drafts_stops_there():
-    model = tiny_model()
-    ids = prompt(4, seed=1) * 3
-    plain = generate(model, ids, 30, temperature=0, draft_tokens=0)[0]
-    eos = plain[20]  # a token that comes after several confirmed drafts in this loop
-    expected = plain[: plain.index(eos)]
-    assert generate(model, ids, 30, temperature=0, eos_id=eos)[0] == expected
+def test_eos_among_accepted_guesses_stops_there(monkeypatch):
+    model = tiny_model(block_size=64, seed=0)
+    ids = [28, 73, 48, 17, 17, 17, 17, 24, 27, 67, 17, 42, 42, 42, 42, 16, 67, 67, 67, 67, 16, 67, 67, 67, 67]
+    ids += [67, 67, 65, 16, 16, 67, 67, 67]
+    plain = generate(model, ids, 20, temperature=0, draft_tokens=0)[0]
+    assert plain[:2] == [65, 16]
+    counter = CountingForward(model, monkeypatch)
+    assert generate(model, ids, 20, temperature=0)[0] == plain
+    assert counter.fed[0] > 1 and counter.calls - 1 < 19  # 16 after 65 arrives as an accepted guess
+    assert generate(model, ids, 20, temperature=0, eos_id=16) == [[65]]
 
 
 @pytest.mark.parametrize("new", [1, 2, 7, 9, 10])

@@ -302,6 +302,8 @@ def test_seed_style_model_generate():
         (dict(top_p=1.5), "top_p"),
         (dict(temperature=-0.5), "temperature"),
         (dict(top_k=0), "top_k"),
+        (dict(draft_tokens=-1), "draft_tokens"),
+        (dict(draft_tokens=2.5), "draft_tokens"),
     ],
 )
 def test_bad_input_raises_naming_the_argument(kwargs, name):
@@ -309,6 +311,6 @@ def test_bad_input_raises_naming_the_argument(kwargs, name):
     args = dict(prompt_ids=[1, 2, 3], max_new_tokens=4) | kwargs
     with pytest.raises(ValueError, match=name):
         generate(model, **args)
-    if "prompt_ids" not in kwargs:  # the seed-style entry point checks the same arguments
+    if not {"prompt_ids", "draft_tokens"} & kwargs.keys():  # the seed-style entry point checks the same arguments
         with pytest.raises(ValueError, match=name):
             model.generate(torch.tensor([[1, 2]]), **(dict(max_new_tokens=4) | kwargs))
