@@ -177,7 +177,7 @@ def generate_stream(
             if all(done):
                 return
             if drafted:
-                continue  # logits already follow it: they came with the pass that confirmed it
+                continue  # the pass that confirmed it gave what follows: the next guess, or logits after the last
             if cur - start > window:  # no room for tokens[:, cur - 1]: slide the window
                 start = window_start(cur)  # = cur - keep
                 logits = prefill(start, cur)
