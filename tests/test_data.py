@@ -170,7 +170,11 @@ def test_unreachable_hub_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.usefixtures("online")
 def test_hanging_hub_is_cut_off_by_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: time.sleep(30))
+    def hang(*args, **kwargs):
+        time.sleep(30)
+        raise TimeoutError("timed out")  # as a real connection that never answers ends, after the test
+
+    monkeypatch.setattr(socket, "create_connection", hang)
     start = time.monotonic()
     with pytest.raises(DataError, match=r"no answer within 0\.2 s"):
         check_hub_reachable("roneneldan/TinyStories", timeout=0.2)
