@@ -39,14 +39,15 @@ PROMPT_TOKENS, PROMPTS = 16, 8
 def train_tiny(steps: int) -> Path:
     """Train configs/tiny.yaml on the TinyStories sample for ``steps`` steps (kept for later runs)."""
     work = Path(tempfile.gettempdir()) / f"gptlit-bench-tiny-{steps}"
-    ckpt = work / "lightning_logs" / "tiny" / "checkpoints" / "last.ckpt"
-    if not ckpt.exists():
+    ckpt, finished = work / "lightning_logs" / "tiny" / "checkpoints" / "last.ckpt", work / "finished"
+    if not finished.exists():  # a run cut short leaves a last.ckpt of fewer steps: train again
         print(f"training configs/tiny.yaml for {steps} steps in {work} ...", flush=True)
         work.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "gptlit", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
                    "--data.source", str(CORPUS), "--trainer.max_steps", str(steps), "--overwrite", "true",
                    "--trainer.val_check_interval", str(steps), "--trainer.enable_progress_bar", "false"]  # fmt: skip
         subprocess.run(command, cwd=work, check=True, stdout=subprocess.DEVNULL)
+        finished.touch()
     return ckpt
 
 
@@ -124,9 +125,13 @@ def main() -> None:
     }
     cache_rates = interleaved(cache_runners, max(1, args.rounds - 1))
     config = ours.config
+    model_text = (
+        f"{args.checkpoint}"
+        if args.checkpoint
+        else f"configs/tiny.yaml trained {args.train_steps} steps on the TinyStories sample"
+    )
     report = (
-        f"`python benchmarks/generate.py`: {checkpoint.name} of configs/tiny.yaml "
-        f"({ours.num_params() / 1e6:.1f}M parameters) trained {args.train_steps} steps on the TinyStories sample; "
+        f"`python benchmarks/generate.py`: {model_text} ({ours.num_params() / 1e6:.1f}M parameters); "
         f"{PROMPTS} story openings of {PROMPT_TOKENS} tokens, {n} new tokens each, {args.rounds} interleaved "
         f"rounds (median).\nMachine: {machine()}.\n\n{table}\n\n"
         f"- KV cache at {long} new tokens (batch 1, one token per pass, block {config.block_size}: the cache "
