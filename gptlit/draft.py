@@ -1,13 +1,97 @@
-"""Draft tokens for greedy decoding from the text itself (prompt lookup).
+"""Draft tokens for greedy decoding: from the text itself (prompt lookup) and from a corpus's n-grams.
 
 At batch 1 a decoding step is bound by reading the weights, not by arithmetic: checking eight guessed
 tokens in one forward pass costs little more than producing one. Stories repeat names and phrases, and
 greedy decoding repeats itself more, so the tokens that followed the last occurrence of the current
-n-gram are good guesses. `gptlit.generate` keeps the guesses the model agrees with, so the output is
-the greedy output either way.
+n-gram are good guesses. Where the text has no such n-gram yet (early in a story), the most frequent
+continuations in the training data (`NgramTable`) are the next best guess. `gptlit.generate` keeps the
+guesses the model agrees with, so the output is the greedy output either way.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class NgramTable:
+    """The most frequent token after each n-gram (n = ``min_ngram``..``max_ngram``) of a token corpus.
+
+    Args:
+        tokens: The corpus as token ids (1-D).
+        vocab_size: Ids are below this.
+        max_ngram: Longest context to look up.
+        min_ngram: Shortest context: a continuation stops where only a shorter one was ever seen.
+        min_count: Keep an n-gram only if its most frequent next token followed it this often: a context
+            seen once predicts worse than a shorter one seen many times.
+    """
+
+    def __init__(
+        self, tokens: np.ndarray, vocab_size: int, max_ngram: int = 3, min_ngram: int = 2, min_count: int = 2
+    ) -> None:
+        if vocab_size ** (max_ngram + 1) >= 2**63:
+            raise ValueError(f"an n-gram of {max_ngram} + 1 ids of a {vocab_size}-token vocabulary overflows int64 "
+                             "keys: use a smaller max_ngram")  # fmt: skip
+        self.vocab_size, self.sizes = vocab_size, range(max_ngram, min_ngram - 1, -1)
+        ids = np.asarray(tokens, dtype=np.int64)
+        # n -> {n-gram as one int (base vocab_size): the token that most often followed it}
+        self.next: dict[int, dict[int, int]] = {}
+        for n in self.sizes:
+            count = max(len(ids) - n, 0)  # n-grams that have a next token
+            key = np.zeros(count, dtype=np.int64)
+            for j in range(n):
+                key = key * vocab_size + ids[j : j + count]
+            pairs, counts = np.unique(key * vocab_size + ids[n:], return_counts=True)  # (n-gram, next) pairs
+            keys, nexts = pairs // vocab_size, pairs % vocab_size
+            order = np.lexsort((-counts, keys))  # by n-gram, the most frequent next first (ties: smaller id)
+            keys, nexts, counts = keys[order], nexts[order], counts[order]
+            best = np.ones(len(keys), dtype=bool)
+            best[1:] = keys[1:] != keys[:-1]  # the first row of each n-gram
+            best &= counts >= min_count
+            self.next[n] = dict(zip(keys[best].tolist(), nexts[best].tolist(), strict=True))
+
+    @classmethod
+    def from_data_dir(
+        cls, data_dir: str | Path, max_tokens: int = 2_000_000, tokenizer_sha256: str | None = None, **kwargs
+    ) -> NgramTable:
+        """The table of the first ``max_tokens`` tokens of a prepared directory's ``train.bin``.
+
+        With ``tokenizer_sha256`` (`Tokenizer.sha256` of the model's tokenizer), a directory tokenized by
+        another tokenizer is refused: its ids would name other tokens.
+        """
+        from gptlit.prepare import check_bin, read_meta
+        from gptlit.sources import DataError
+
+        meta = read_meta(data_dir)
+        if tokenizer_sha256 is not None and meta["settings"].get("tokenizer_sha256") != tokenizer_sha256:
+            raise DataError(
+                f"{data_dir} was tokenized by another tokenizer than the model's: pass the data directory the "
+                "model was trained on"
+            )
+        path, dtype, count = check_bin(data_dir, meta, "train")
+        tokens = np.memmap(path, dtype=dtype, mode="r", shape=(count,))[:max_tokens]
+        return cls(tokens, meta["vocab_size"], **kwargs)
+
+    def continuation(self, context: list[int], limit: int) -> list[int]:
+        """Up to ``limit`` tokens after ``context``, each the most frequent one after the longest known n-gram."""
+        seq, out = list(context[-self.sizes[0] :]), []
+        while len(out) < limit:
+            token = next((t for n in self.sizes if (t := self._after(seq, n)) is not None), None)
+            if token is None:
+                break
+            out.append(token)
+            seq.append(token)
+        return out
+
+    def _after(self, seq: list[int], n: int) -> int | None:
+        """The most frequent token after the last n tokens of seq, or None."""
+        if len(seq) < n:
+            return None
+        key = 0
+        for token in seq[-n:]:
+            key = key * self.vocab_size + token
+        return self.next[n].get(key)
 
 
 class NgramDraft:
@@ -17,10 +101,13 @@ class NgramDraft:
         tokens: The sequence so far (the prompt).
         max_ngram: Longest n-gram to match; shorter ones down to ``min_ngram`` are tried when it has no match.
         min_ngram: Shortest n-gram to match.
+        table: Continuations from a corpus, proposed when the text has no match of two tokens or more.
     """
 
-    def __init__(self, tokens: list[int], max_ngram: int = 3, min_ngram: int = 1) -> None:
-        self.sizes = range(max_ngram, min_ngram - 1, -1)
+    def __init__(
+        self, tokens: list[int], max_ngram: int = 3, min_ngram: int = 1, table: NgramTable | None = None
+    ) -> None:
+        self.sizes, self.table = range(max_ngram, min_ngram - 1, -1), table
         self.tokens: list[int] = []
         # n -> {n-gram: index in tokens of the token that followed its latest occurrence}
         self.follower: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
@@ -40,6 +127,10 @@ class NgramDraft:
         if limit <= 0:
             return []
         for n in self.sizes:
+            if n == 1 and self.table is not None:  # before a one-token match: the corpus's longer contexts
+                guess = self.table.continuation(self.tokens, limit)
+                if guess:
+                    return guess
             if len(self.tokens) >= n:
                 start = self.follower[n].get(tuple(self.tokens[-n:]))
                 if start is not None:

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 
 import torch
 
-from gptlit.draft import NgramDraft
+from gptlit.draft import NgramDraft, NgramTable
 from gptlit.model import GPT
 
 Prompts = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The most likely token id of each row of logits (..., V), the first on a tie: ``argmax(dim=-1)``.
+
+    ``max(dim=-1).indices`` is the same index, and on a CPU 3-4x faster than ``argmax`` over several rows.
+    """
+    return logits.max(dim=-1).indices
 
 
 def sample_next(
@@ -22,7 +31,7 @@ def sample_next(
 ) -> torch.Tensor:
     """Pick one token id per row from logits (B, V); temperature 0 is greedy. Returns (B,)."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
@@ -64,25 +73,36 @@ def _check_args(rows, vocab_size, max_new_tokens, temperature, top_k, top_p, dra
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
 
 
-def _feed(model: GPT, last: torch.Tensor, guess: list[int], pos: int) -> tuple[torch.Tensor, list[int]]:
-    """Feed last (B, 1) at cache position pos, followed by the guessed tokens of row 0 (B must be 1 then).
-
-    Returns the logits (B, V) after the last accepted token, and the accepted guesses: the
-    longest prefix of ``guess`` that greedy decoding would itself have produced.
+def _feed(forward, fed: list[list[int]], pos: int, device) -> tuple[torch.Tensor, list[int]]:
+    """Feed ``fed`` (B rows of 1 + len(guess) tokens: the last token, then guesses of row 0 when B is 1)
+    at cache positions pos..; returns the logits (B, V) after the last accepted token, and the accepted
+    guesses: the longest prefix of the guesses that greedy decoding would itself have produced.
     """
-    fed = torch.cat((last, torch.tensor([guess], dtype=torch.long, device=last.device)), dim=1) if guess else last
-    input_pos = torch.arange(pos, pos + fed.size(1), device=last.device)
-    logits = model(fed, input_pos=input_pos)  # (B, 1 + len(guess), V)
+    ids = torch.tensor(fed, dtype=torch.long, device=device)  # (B, 1 + len(guess))
+    end = pos + ids.size(1)
+    logits = forward(ids, torch.arange(pos, end, device=device), end)  # (B, 1 + len(guess), V)
     accepted: list[int] = []
+    guess = fed[0][1:]
     if guess:
-        predicted = logits[0, :-1].argmax(dim=-1).tolist()  # the greedy token after each fed one
-        for token, greedy in zip(guess, predicted, strict=True):
-            if token != greedy:
+        predicted = greedy(logits[0, :-1]).tolist()  # the greedy token after each fed one
+        for token, expected in zip(guess, predicted, strict=True):
+            if token != expected:
                 break
             accepted.append(token)
     # Keys and values of rejected guesses stay in the cache past the accepted positions: no query
     # attends to a position after its own, and the next tokens fed overwrite them.
     return logits[:, len(accepted)], accepted
+
+
+def _compiled_forward(model: GPT, idx: torch.Tensor, input_pos: torch.Tensor, cache_len: int) -> torch.Tensor:
+    return model(idx, input_pos, cache_len)
+
+
+# One compiled graph serves every model of the same architecture and every pass length (dynamic
+# shapes): the first passes compile it (15-20 s on a small CPU; Inductor's disk cache makes later
+# processes start in 1-2 s). The C++ wrapper calls the kernels without Python in between: ~8% faster
+# decoding on a CPU for a longer first compile.
+_compiled_forward = torch.compile(_compiled_forward, dynamic=True, options={"cpp_wrapper": True})
 
 
 @torch.inference_mode()
@@ -96,6 +116,8 @@ def generate_stream(
     eos_id: int | None = None,
     seed: int | None = None,
     draft_tokens: int = 8,
+    draft_table: NgramTable | None = None,
+    compile: bool = False,
 ) -> Iterator[dict[int, int]]:
     """Generate token by token; each step yields {prompt index: new token id} for the prompts still going.
 
@@ -109,21 +131,28 @@ def generate_stream(
     in a batch slides exactly when it would alone.
 
     Greedy decoding of one prompt feeds, with each token, up to ``draft_tokens`` guesses of the tokens
-    after it (`gptlit.draft.NgramDraft`) and keeps those the model's own argmax confirms: one forward pass
-    can then yield several tokens, and the tokens are the greedy ones (equal up to float rounding of
-    the logits, as with any change of batch shape).
+    after it (`gptlit.draft.NgramDraft`, helped by the corpus continuations of ``draft_table``) and keeps
+    those the model's own argmax confirms: one forward pass can then yield several tokens, and the
+    tokens are the greedy ones (equal up to float rounding of the logits, as with any change of batch
+    shape).
+
+    ``compile`` runs the forward passes through ``torch.compile``: the first call compiles for some
+    seconds, later ones decode faster (benchmarks/README.md); the logits differ by float rounding.
     """
     rows = _as_rows(prompt_ids)
     config = model.config
     _check_args(rows, config.vocab_size, max_new_tokens, temperature, top_k, top_p, draft_tokens)
+    if draft_table is not None and draft_table.vocab_size != config.vocab_size:
+        raise ValueError(
+            f"draft_table is of a {draft_table.vocab_size}-token vocabulary, the model's has {config.vocab_size}: "
+            "build it from the data the model was trained on"
+        )
     if max_new_tokens == 0:
         return
     device = model.wte.weight.device
-    lengths = torch.tensor([len(row) for row in rows], device=device)  # (B,)
-    B, total = len(rows), max(len(row) for row in rows) + max_new_tokens
-    tokens = torch.zeros(B, total, dtype=torch.long, device=device)  # (B, total): prompts, then samples
-    for i, row in enumerate(rows):
-        tokens[i, : len(row)] = torch.tensor(row)
+    forward = partial(_compiled_forward, model) if compile else model
+    B, lengths = len(rows), [len(row) for row in rows]
+    seqs = [list(row) for row in rows]  # each prompt, then the tokens that follow it
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -133,37 +162,32 @@ def generate_stream(
     done = [False] * B
 
     def window_start(length: int) -> int:
-        """First token the cache holds once it must hold tokens[:, :length]: 0, then a multiple of stride."""
+        """First token the cache holds once it must hold tokens [:length]: 0, then a multiple of stride."""
         return stride * -(-max(0, length - window) // stride)
 
     def prefill(start: int, end: int) -> torch.Tensor:
-        """Feed tokens[:, start:end] at positions 0.. into a fresh cache; logits of the last, (B, V)."""
-        input_pos = torch.arange(end - start, device=device)
-        return model(tokens[:, start:end], input_pos=input_pos)[:, -1]
+        """Feed tokens [start:end] of each row at positions 0.. into the cache; logits of the last, (B, V)."""
+        ids = torch.tensor([seq[start:end] for seq in seqs], dtype=torch.long, device=device)  # (B, end - start)
+        return forward(ids, torch.arange(end - start, device=device), end - start)[:, -1]
 
-    drafts = NgramDraft(rows[0]) if B == 1 and temperature == 0 and draft_tokens > 0 else None
+    drafts = NgramDraft(rows[0], table=draft_table) if B == 1 and temperature == 0 and draft_tokens > 0 else None
     confirmed: list[int] = []  # drafted tokens the model confirmed, already in the cache, still to be emitted
     was_training = model.training
     model.eval()
     model.set_kv_cache(B, window, device=device)
     try:
-        cur = int(lengths.min())
-        start = window_start(cur)  # the cache holds tokens[:, start:cur] at positions 0..
+        cur = min(lengths)
+        start = window_start(cur)  # the cache holds tokens [start:cur] at positions 0..
         logits = prefill(start, cur)
         while True:
             drafted = bool(confirmed)  # a confirmed guess: its keys and values are in the cache already
-            if drafted:
-                next_ids = torch.tensor([confirmed.pop(0)], device=device)  # (1,)
-            else:
-                next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-            in_prompt = cur < lengths  # (B,) rows still reading their prompt
-            next_ids = torch.where(in_prompt, tokens[:, cur], next_ids)
-            tokens[:, cur] = next_ids
-            if drafts is not None:
-                drafts.append(int(next_ids[0]))
+            next_ids = [confirmed.pop(0)] if drafted else sample_next(logits, temperature, top_k, top_p, generator)
             step: dict[int, int] = {}
-            for i, (token, reading) in enumerate(zip(next_ids.tolist(), in_prompt.tolist(), strict=True)):
-                if done[i] or reading:
+            for i, token in enumerate(next_ids if drafted else next_ids.tolist()):
+                if cur < lengths[i]:  # still reading its prompt: the sample is dropped
+                    continue
+                seqs[i].append(token)
+                if done[i]:
                     continue
                 if token == eos_id:
                     done[i] = True
@@ -171,6 +195,8 @@ def generate_stream(
                 step[i] = token
                 new_counts[i] += 1
                 done[i] = new_counts[i] == max_new_tokens
+            if drafts is not None:
+                drafts.append(seqs[0][cur])
             if step:
                 yield step
             cur += 1
@@ -178,7 +204,7 @@ def generate_stream(
                 return
             if drafted:
                 continue  # the pass that confirmed it gave what follows: the next guess, or logits after the last
-            if cur - start > window:  # no room for tokens[:, cur - 1]: slide the window
+            if cur - start > window:  # no room for token cur - 1: slide the window
                 start = window_start(cur)  # = cur - keep
                 logits = prefill(start, cur)
                 continue
@@ -187,7 +213,8 @@ def generate_stream(
                 # Guesses must fit in the window; past the tokens still wanted they would only cost time.
                 room = min(draft_tokens, window - (cur - start), max_new_tokens - new_counts[0] - 1)
                 guess = drafts.propose(room)
-            logits, confirmed = _feed(model, tokens[:, cur - 1 : cur], guess, cur - 1 - start)
+            fed = [[seqs[0][cur - 1], *guess]] if guess else [[seq[cur - 1]] for seq in seqs]
+            logits, confirmed = _feed(forward, fed, cur - 1 - start, device)
     finally:
         model.clear_kv_cache()
         model.train(was_training)
@@ -204,6 +231,8 @@ def generate(
     seed: int | None = None,
     on_token: Callable[[int, int], None] | None = None,
     draft_tokens: int = 8,
+    draft_table: NgramTable | None = None,
+    compile: bool = False,
 ) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens; returns the new ids of each prompt.
 
@@ -220,10 +249,16 @@ def generate(
         on_token: Called as ``on_token(prompt_index, token_id)`` for each new token, as it is produced.
         draft_tokens: Greedy decoding of a single prompt checks up to this many guessed tokens per forward
             pass (see `generate_stream`); 0 feeds one token at a time. The tokens are the same either way.
+        draft_table: Continuations seen in the training data (`NgramTable.from_data_dir`), guessed where
+            the text so far offers none: more tokens per pass, the same tokens.
+        compile: Run the forward passes through ``torch.compile`` (seconds to compile on the first call,
+            faster decoding after).
     """
     rows = _as_rows(prompt_ids)
     out: list[list[int]] = [[] for _ in rows]
-    stream = generate_stream(model, rows, max_new_tokens, temperature, top_k, top_p, eos_id, seed, draft_tokens)
+    stream = generate_stream(
+        model, rows, max_new_tokens, temperature, top_k, top_p, eos_id, seed, draft_tokens, draft_table, compile
+    )
     # closing: if on_token raises, the stream's cleanup (cache cleared, train mode back) runs now,
     # not whenever the traceback that holds the suspended generator is freed.
     with contextlib.closing(stream):

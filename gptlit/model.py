@@ -52,11 +52,14 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, nh, T, hs) at positions input_pos (T,); return the whole cache (B, nh, L, hs)."""
+    def forward(
+        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nh, T, hs) at positions input_pos (T,); return the first ``length`` positions of
+        the cache (B, nh, length, hs), all of it by default."""
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k, self.v
+        return self.k[:, :, :length], self.v[:, :, :length]
 
 
 class CausalSelfAttention(nn.Module):
@@ -77,6 +80,7 @@ class CausalSelfAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         input_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        cache_len: int | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_size).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
@@ -95,7 +99,7 @@ class CausalSelfAttention(nn.Module):
         else:
             if self.kv_cache is None:
                 raise RuntimeError("forward with input_pos needs a KV cache: call model.set_kv_cache(batch_size)")
-            k, v = self.kv_cache(input_pos, k, v)  # (B, nh, L, hs)
+            k, v = self.kv_cache(input_pos, k, v, cache_len)  # (B, nh, L, hs)
             # mask (T, L) is True where a query may attend: positions not yet written are never seen.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
 
@@ -125,8 +129,8 @@ class Block(nn.Module):
         self.norm_2 = build_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, input_pos=None, mask=None) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), rope, input_pos, mask)
+    def forward(self, x, rope, input_pos=None, mask=None, cache_len=None) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), rope, input_pos, mask, cache_len)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -172,20 +176,27 @@ class GPT(nn.Module):
 
     # Forward ---------------------------------------------------------------------------------------
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, cache_len: int | None = None
+    ) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids idx (B, T).
 
         With ``input_pos`` (T,) — the positions of these tokens, increasing — keys and values are read
         from and written to the KV cache, so a prompt can be fed once and then one token at a time.
+        ``cache_len`` (at least the last position + 1) limits attention to the cache's first positions,
+        which saves reading the rest; by default the whole cache is read (masked), so that every
+        decoding pass has the same shapes.
         """
-        return self.lm_head(self.hidden_states(idx, input_pos))  # (B, T, vocab_size)
+        return self.lm_head(self.hidden_states(idx, input_pos, cache_len))  # (B, T, vocab_size)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy of idx (B, T) against targets (B, T), without building the logits."""
         h = self.hidden_states(idx)  # (B, T, C)
         return chunked_cross_entropy(h.view(-1, h.size(-1)), self.lm_head.weight, targets.view(-1))
 
-    def hidden_states(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, cache_len: int | None = None
+    ) -> torch.Tensor:
         """The final-normed residual stream (B, T, C) that the head turns into logits."""
         T = idx.size(1)
         if input_pos is None:
@@ -197,9 +208,8 @@ class GPT(nn.Module):
             if self.causal_mask is None:
                 raise RuntimeError("forward with input_pos needs a KV cache: call model.set_kv_cache(batch_size)")
             pos = input_pos
-            # Row p of the causal mask lets a query at position p see keys 0..p. The whole cache is read,
-            # so that every decode step has the same shapes (and no host sync): a compiled step is reused.
-            mask = self.causal_mask[input_pos]  # (T, L)
+            # Row p of the causal mask lets a query at position p see keys 0..p.
+            mask = self.causal_mask[input_pos, :cache_len]  # (T, L)
 
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
@@ -207,7 +217,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.config.use_rope else None  # 2 x (T, hs)
         for block in self.blocks:
-            x = block(x, rope, input_pos, mask)
+            x = block(x, rope, input_pos, mask, cache_len)
         return self.norm_f(x)  # (B, T, C)
 
     # KV cache --------------------------------------------------------------------------------------

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from test_generate import POSITIONS, prompt, reference_generate, tiny_model
 
-from gptlit.draft import NgramDraft
+from gptlit.draft import NgramDraft, NgramTable
 from gptlit.generate import generate
 from gptlit.model import GPT
 
@@ -40,19 +41,21 @@ class CountingForward:
         self.calls, self.fed = 0, []
         forward = model.forward
 
-        def counted(idx, input_pos=None):
+        def counted(idx, input_pos=None, cache_len=None):
             self.calls += 1
             if int(input_pos[0]) > 0:
                 self.fed.append(idx.size(1))
-            return forward(idx, input_pos=input_pos)
+            return forward(idx, input_pos, cache_len)
 
         monkeypatch.setattr(model, "forward", counted)
 
 
-def expected_passes(prompt_ids: list[int], out: list[int], draft_tokens: int, block_size: int) -> int:
+def expected_passes(
+    prompt_ids: list[int], out: list[int], draft_tokens: int, block_size: int, table: NgramTable | None = None
+) -> int:
     """Decoding passes that drafted decoding takes to produce ``out`` (no window slide), replayed from the output:
     each pass feeds the drafter's guesses, gains the guesses that match ``out``, and one token more."""
-    draft, done = NgramDraft([*prompt_ids, out[0]]), 1  # out[0] comes from the prompt's pass
+    draft, done = NgramDraft([*prompt_ids, out[0]], table=table), 1  # out[0] comes from the prompt's pass
     passes = 0
     while done < len(out):
         room = min(draft_tokens, block_size - len(prompt_ids) - done, len(out) - done - 1)
@@ -139,3 +142,35 @@ def test_streamed_tokens_arrive_one_by_one_in_order():
     out = generate(model, ids, 25, temperature=0, on_token=lambda i, t: seen.append(t))
     assert seen == out[0]
     assert torch.equal(model.generate(torch.tensor(ids), 25, temperature=0)[0, len(ids) :], torch.tensor(out[0]))
+
+
+def test_corpus_table_gives_more_tokens_per_pass_and_the_same_tokens(monkeypatch):
+    model = tiny_model(block_size=64, seed=1)
+    ids = prompt(6, seed=5)
+    plain = generate(model, ids, 40, temperature=0, draft_tokens=0)[0]
+    # A corpus holding this very continuation (twice: contexts seen once are dropped).
+    table = NgramTable(np.array([*ids, *plain] * 2), vocab_size=model.config.vocab_size)
+    counter = CountingForward(model, monkeypatch)
+    assert generate(model, ids, 40, temperature=0, draft_table=table)[0] == plain
+    passes = expected_passes(ids, plain, 8, 64, table)
+    assert counter.calls - 1 == passes < expected_passes(ids, plain, 8, 64)
+    # A corpus of other text: wrong guesses, the same tokens.
+    other = NgramTable(np.array(prompt(200, seed=9) * 2), vocab_size=model.config.vocab_size)
+    assert generate(model, ids, 40, temperature=0, draft_table=other)[0] == plain
+
+
+def test_corpus_table_of_another_vocabulary_is_refused():
+    model = tiny_model()
+    table = NgramTable(np.array([1, 2, 3]), vocab_size=model.config.vocab_size + 1)
+    with pytest.raises(ValueError, match="draft_table"):
+        generate(model, prompt(4), 5, temperature=0, draft_table=table)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_same_tokens():
+    model = tiny_model(block_size=16, seed=2)
+    prompts = [prompt(5, seed=1) * 2, prompt(7, seed=2)]
+    for rows in ([prompts[0]], prompts):  # drafted batch 1 and a batch of two lengths, sliding the window
+        assert generate(model, rows, 30, temperature=0, compile=True) == generate(model, rows, 30, temperature=0)
+    sampled = generate(model, prompts, 10, temperature=1.0, seed=3, compile=True)
+    assert sampled == generate(model, prompts, 10, temperature=1.0, seed=3)

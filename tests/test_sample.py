@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -110,6 +112,26 @@ def test_bad_arguments_are_clear_errors(in_trained: Path, capsys, args, message:
         run_cli("sample", *args)
     assert failed.value.code == 1
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_draft_data_gives_the_same_greedy_story(in_trained: Path, capsys) -> None:
+    args = ("--ckpt_path", "last", "--prompt", "Tom", "--max_new_tokens", "40", "--temperature", "0")
+    plain, _ = sample_out(capsys, *args)
+    drafted, _ = sample_out(capsys, *args, "--draft_data", "data")
+    assert drafted == plain and len(plain) > len("Tom\n")
+
+
+def test_draft_data_of_another_tokenizer_is_a_clear_error(in_trained: Path, tmp_path: Path, capsys) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(in_trained / "data", other)
+    meta = json.loads((other / "meta.json").read_text())
+    meta["settings"]["tokenizer_sha256"] = "0" * 64
+    (other / "meta.json").write_text(json.dumps(meta))
+    for data, message in ((other, "another tokenizer"), (tmp_path / "missing", "not found")):
+        with pytest.raises(SystemExit) as failed:
+            run_cli("sample", "--temperature", "0", "--draft_data", str(data))
+        assert failed.value.code == 1
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_ckpt_path_last_without_any_run_is_a_clear_error(tmp_path: Path, capsys, monkeypatch) -> None:

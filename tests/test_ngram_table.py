@@ -1,0 +1,84 @@
+"""Corpus continuations for drafted decoding (gptlit.draft.NgramTable), and how NgramDraft falls back on them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_stories
+
+from gptlit.draft import NgramDraft, NgramTable
+from gptlit.prepare import bin_path, prepare_dataset
+from gptlit.sources import TXT_SEPARATOR, DataError
+
+
+def test_most_frequent_next_token_of_each_context():
+    # After "1 2": 3 three times, 4 twice. After "2 3": 5 twice, 6 once.
+    corpus = [1, 2, 3, 5, 1, 2, 4, 1, 2, 3, 5, 1, 2, 4, 1, 2, 3, 6]
+    table = NgramTable(np.array(corpus), vocab_size=10, max_ngram=2, min_ngram=2)
+    assert table.continuation([9, 1, 2], 1) == [3]
+    assert table.continuation([2, 3], 1) == [5]
+    assert table.continuation([1, 2], 3) == [3, 5, 1]  # chained: "2 3" -> 5, "3 5" -> 1
+
+
+def test_ties_go_to_the_smaller_id():
+    table = NgramTable(np.array([1, 2, 8, 1, 2, 7, 1, 2, 8, 1, 2, 7]), vocab_size=10, max_ngram=2)
+    assert table.continuation([1, 2], 1) == [7]
+
+
+def test_longest_known_context_wins_and_rare_contexts_are_dropped():
+    # "5 1 2" -> 9 twice; "1 2" alone -> 3 three times; "6 1 2" -> 4 once (below min_count: "1 2" decides).
+    corpus = [5, 1, 2, 9, 5, 1, 2, 9, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 6, 1, 2, 4]
+    table = NgramTable(np.array(corpus), vocab_size=10, max_ngram=3, min_ngram=2, min_count=2)
+    assert table.continuation([5, 1, 2], 1) == [9]
+    assert table.continuation([6, 1, 2], 1) == [3]
+    assert NgramTable(np.array(corpus), vocab_size=10, min_count=1).continuation([6, 1, 2], 1) == [4]
+
+
+def test_continuation_stops_where_no_context_is_known():
+    table = NgramTable(np.array([1, 2, 3, 4] * 3), vocab_size=10, max_ngram=2)
+    assert table.continuation([1, 2], 10) == [3, 4, 1, 2, 3, 4, 1, 2, 3, 4]  # a cycle: every context known
+    assert table.continuation([7, 8], 5) == []
+    assert table.continuation([4], 5) == []  # shorter than the shortest context
+    assert table.continuation([2, 3], 0) == []
+    assert NgramTable(np.array([1]), vocab_size=10).continuation([1, 1], 3) == []  # a corpus with no n-grams
+
+
+def test_vocabulary_too_large_for_the_keys():
+    with pytest.raises(ValueError, match="max_ngram"):
+        NgramTable(np.array([1, 2, 3]), vocab_size=2**20, max_ngram=3)
+
+
+def test_draft_prefers_the_text_then_the_table_then_one_token_matches():
+    table = NgramTable(np.array([4, 5, 60, 61, 4, 5, 60, 61, 8, 9, 70, 8, 9, 70]), vocab_size=100, max_ngram=2)
+    # The text has "4 5" followed by 6: a two-token match in the text beats the corpus.
+    assert NgramDraft([4, 5, 6, 4, 5], table=table).propose(2) == [6, 4]
+    # No two-token match in the text, but the corpus knows "4 5" and "5 60" ("60 61" was seen once only).
+    assert NgramDraft([1, 4, 5], table=table).propose(3) == [60, 61]
+    # The corpus knows "8 9": it goes before the text's one-token match "9" -> 2.
+    assert NgramDraft([9, 2, 3, 8, 9], table=table).propose(1) == [70]
+    # Neither the text nor the corpus knows "1 9": the one-token match.
+    assert NgramDraft([9, 2, 3, 1, 9], table=table).propose(2) == [2, 3]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = tmp_path_factory.mktemp("table-data")
+    text = "".join(f"{story}\n{TXT_SEPARATOR}\n" for story in make_stories(200, seed=3))
+    (data / "stories.txt").write_text(text, encoding="utf-8")
+    prepare_dataset(str(data / "stories.txt"), data / "data", vocab_size=320)
+    return data / "data"
+
+
+def test_from_data_dir_reads_the_training_split(prepared: Path):
+    train = np.fromfile(bin_path(prepared, "train"), dtype=np.uint16)
+    table = NgramTable.from_data_dir(prepared, max_tokens=5000)
+    expected = NgramTable(train[:5000], vocab_size=320)
+    assert table.vocab_size == 320 and table.next == expected.next and len(table.next[3]) > 100
+    assert table.next != NgramTable(train[:2000], vocab_size=320).next
+
+
+def test_from_data_dir_of_an_unprepared_directory(tmp_path: Path):
+    with pytest.raises(DataError, match="gptlit prepare"):
+        NgramTable.from_data_dir(tmp_path)
