@@ -1,14 +1,16 @@
 """Decoding speed: gptlit's `generate` against transformers' `generate` on the same weights, greedy.
 
     python benchmarks/generate.py                      # trains configs/tiny.yaml for 400 steps first (~3 min)
-    python benchmarks/generate.py --checkpoint lightning_logs/tiny/checkpoints/last.ckpt
+    python benchmarks/generate.py --checkpoint lightning_logs/tiny/checkpoints/last.ckpt --data_dir data/tinystories-4k
 
 The model is a trained gptlit checkpoint (greedy decoding of random weights says little about real text);
 transformers decodes its `gptlit export` (GPTNeoXForCausalLM). The prompts are the first 16 tokens of
-stories from the end of the TinyStories sample; both sides must produce identical tokens. gptlit is timed
-as it runs by default (drafted tokens checked in each forward pass at batch 1) and with one token per pass;
-transformers plain and with its own prompt lookup (`prompt_lookup_num_tokens`, batch 1 only). Also: gptlit
-with and without its KV cache at 512 new tokens.
+validation stories (never seen in training, nor by the corpus table); both sides must produce identical
+tokens. gptlit is timed as it runs by default (drafted tokens checked in each forward pass at batch 1),
+with the corpus n-gram table of its training data (`NgramTable`), compiled (`compile=True`, compilation
+excluded: one warm-up call first), and with one token per pass; transformers plain and with its own
+prompt lookup (`prompt_lookup_num_tokens`, batch 1 only). Also: gptlit with and without its KV cache at
+512 new tokens.
 """
 
 from __future__ import annotations
@@ -24,20 +26,25 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
+import numpy as np
 import torch
 from common import interleaved, machine, markdown_table, write_section
 from train import CORPUS, ROOT
 
+from gptlit.draft import NgramTable
 from gptlit.export import export
 from gptlit.generate import generate
 from gptlit.model import GPT
+from gptlit.prepare import check_bin, offsets_path, read_meta
 from gptlit.runs import load_model
 
 PROMPT_TOKENS, PROMPTS = 16, 8
 
 
-def train_tiny(steps: int) -> Path:
-    """Train configs/tiny.yaml on the TinyStories sample for ``steps`` steps (kept for later runs)."""
+def train_tiny(steps: int) -> tuple[Path, Path]:
+    """Train configs/tiny.yaml on the TinyStories sample for ``steps`` steps (kept for later runs).
+
+    Returns the last checkpoint and the prepared data directory."""
     work = Path(tempfile.gettempdir()) / f"gptlit-bench-tiny-{steps}"
     ckpt, finished = work / "lightning_logs" / "tiny" / "checkpoints" / "last.ckpt", work / "finished"
     if not finished.exists():  # a run cut short leaves a last.ckpt of fewer steps: train again
@@ -48,7 +55,17 @@ def train_tiny(steps: int) -> Path:
                    "--trainer.val_check_interval", str(steps), "--trainer.enable_progress_bar", "false"]  # fmt: skip
         subprocess.run(command, cwd=work, check=True, stdout=subprocess.DEVNULL)
         finished.touch()
-    return ckpt
+    return ckpt, work / "data" / "tinystories-4k"
+
+
+def validation_openings(data_dir: Path, count: int, length: int) -> list[list[int]]:
+    """The first ``length`` tokens (<bos> included) of the first ``count`` validation stories."""
+    path, dtype, _ = check_bin(data_dir, read_meta(data_dir), "val")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    return [
+        tokens[start : start + length].astype(np.int64).tolist()
+        for start in np.load(offsets_path(data_dir, "val"))[:count]
+    ]
 
 
 def uncached_greedy(model: GPT, prompt: torch.Tensor, max_new_tokens: int) -> list[int]:
@@ -64,6 +81,7 @@ def uncached_greedy(model: GPT, prompt: torch.Tensor, max_new_tokens: int) -> li
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, help="a gptlit checkpoint (default: train configs/tiny.yaml)")
+    parser.add_argument("--data_dir", type=Path, help="the checkpoint's prepared data (prompts and corpus table)")
     parser.add_argument("--train_steps", type=int, default=400)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
@@ -71,14 +89,15 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
-    checkpoint = args.checkpoint or train_tiny(args.train_steps)
-    ours, tokenizer = load_model(checkpoint)
+    if args.checkpoint and not args.data_dir:
+        parser.error("--checkpoint needs --data_dir, the directory its model was trained from")
+    checkpoint, data_dir = (args.checkpoint, args.data_dir) if args.checkpoint else train_tiny(args.train_steps)
+    ours, _ = load_model(checkpoint)
+    corpus_table = NgramTable.from_data_dir(data_dir)
     hf_dir = Path(tempfile.mkdtemp(prefix="gptlit-bench-hf-")) / "hf"
     export(str(checkpoint), str(hf_dir))
     theirs = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    stories = CORPUS.read_text(encoding="utf-8").split("<|endoftext|>")[-PROMPTS - 1 : -1]
-    rows = [[tokenizer.bos_id, *tokenizer.encode(story.strip())][:PROMPT_TOKENS] for story in stories]
-    prompts = torch.tensor(rows)  # (8, 16)
+    prompts = torch.tensor(validation_openings(data_dir, PROMPTS, PROMPT_TOKENS))  # (8, 16)
     n = args.new_tokens
 
     def hf(batch: int, lookup: int | None = None) -> list[list[int]]:
@@ -90,17 +109,22 @@ def main() -> None:
                 out += ids[:, PROMPT_TOKENS:].tolist()
         return out
 
-    def gptlit(batch: int, draft_tokens: int = 8) -> list[list[int]]:
-        return [row for chunk in prompts.split(batch) for row in generate(ours, chunk, n, 0, draft_tokens=draft_tokens)]
+    def gptlit(batch: int, **options) -> list[list[int]]:
+        return [row for chunk in prompts.split(batch) for row in generate(ours, chunk, n, 0, **options)]
 
     variants = {
         "gptlit generate": lambda b: gptlit(b),
+        "gptlit + corpus table": lambda b: gptlit(b, draft_table=corpus_table),
+        "gptlit + corpus table, compiled": lambda b: gptlit(b, draft_table=corpus_table, compile=True),
+        "gptlit, compiled": lambda b: gptlit(b, compile=True),
         "gptlit, one token per pass": lambda b: gptlit(b, draft_tokens=0),
         "transformers generate": lambda b: hf(b),
         "transformers, prompt lookup": lambda b: hf(b, lookup=8),
     }
     expected = {b: hf(b) for b in (1, 8)}
-    cases = [(name, b) for b in (1, 8) for name in variants if b == 1 or "lookup" not in name]
+    batch_1_only = ("lookup", "table")  # drafting is for one prompt at a time
+    cases = [(name, b) for b in (1, 8) for name in variants if b == 1 or not any(w in name for w in batch_1_only)]
+    gptlit(1, draft_table=corpus_table, compile=True), gptlit(8, compile=True)  # compile (the same graphs for both)
     identical = {(name, b): variants[name](b) == expected[b] for name, b in cases}
 
     def rate(fn, batch: int):
@@ -130,10 +154,12 @@ def main() -> None:
         if args.checkpoint
         else f"configs/tiny.yaml trained {args.train_steps} steps on the TinyStories sample"
     )
+    table_size = ", ".join(f"{len(t):,} {n}-grams" for n, t in corpus_table.next.items())
     report = (
         f"`python benchmarks/generate.py`: {model_text} ({ours.num_params() / 1e6:.1f}M parameters); "
-        f"{PROMPTS} story openings of {PROMPT_TOKENS} tokens, {n} new tokens each, {args.rounds} interleaved "
-        f"rounds (median).\nMachine: {machine()}.\n\n{table}\n\n"
+        f"the openings ({PROMPT_TOKENS} tokens) of {PROMPTS} validation stories, {n} new tokens each, "
+        f"{args.rounds} interleaved rounds (median); corpus table of the training split ({table_size}).\n"
+        f"Machine: {machine()}.\n\n{table}\n\n"
         f"- KV cache at {long} new tokens (batch 1, one token per pass, block {config.block_size}: the cache "
         f"slides, the uncached loop re-reads the last {config.block_size} tokens): cached "
         f"{cache_rates['cached']:,.0f} tokens/s, uncached {cache_rates['uncached']:,.0f} tokens/s, ratio "
