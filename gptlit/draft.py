@@ -30,11 +30,15 @@ class NgramTable:
     def __init__(
         self, tokens: np.ndarray, vocab_size: int, max_ngram: int = 3, min_ngram: int = 2, min_count: int = 2
     ) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram}, max_ngram={max_ngram}")
         if vocab_size ** (max_ngram + 1) >= 2**63:
             raise ValueError(f"an n-gram of {max_ngram} + 1 ids of a {vocab_size}-token vocabulary overflows int64 "
                              "keys: use a smaller max_ngram")  # fmt: skip
         self.vocab_size, self.sizes = vocab_size, range(max_ngram, min_ngram - 1, -1)
         ids = np.asarray(tokens, dtype=np.int64)
+        if len(ids) and not 0 <= ids.min() <= ids.max() < vocab_size:
+            raise ValueError(f"token ids must be in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
         # n -> {n-gram as one int (base vocab_size): the token that most often followed it}
         self.next: dict[int, dict[int, int]] = {}
         for n in self.sizes:
@@ -123,18 +127,25 @@ class NgramDraft:
                 self.follower[n][tuple(self.tokens[last - n : last])] = last
 
     def propose(self, limit: int) -> list[int]:
-        """``limit`` tokens that may come next; none when the last n-gram was never seen before."""
+        """``limit`` tokens that may come next; none when the last n-gram was never seen before.
+
+        The text's own matches of two tokens or more come first, then the table's continuation, then a
+        one-token match in the text.
+        """
         if limit <= 0:
             return []
         for n in self.sizes:
-            if n == 1 and self.table is not None:  # before a one-token match: the corpus's longer contexts
-                guess = self.table.continuation(self.tokens, limit)
-                if guess:
-                    return guess
-            if len(self.tokens) >= n:
-                start = self.follower[n].get(tuple(self.tokens[-n:]))
-                if start is not None:
-                    # The text since that occurrence, repeated: a loop of period p gets guesses past its end.
-                    period = len(self.tokens) - start
-                    return [self.tokens[start + i % period] for i in range(limit)]
-        return []
+            if n >= 2 and (guess := self._repeat(n, limit)):
+                return guess
+        if self.table is not None and (guess := self.table.continuation(self.tokens, limit)):
+            return guess
+        return self._repeat(1, limit) if 1 in self.sizes else []
+
+    def _repeat(self, n: int, limit: int) -> list[int]:
+        """What followed the latest earlier occurrence of the last n tokens, or nothing."""
+        start = self.follower[n].get(tuple(self.tokens[-n:])) if len(self.tokens) >= n else None
+        if start is None:
+            return []
+        # The text since that occurrence, repeated: a loop of period p gets guesses past its end.
+        period = len(self.tokens) - start
+        return [self.tokens[start + i % period] for i in range(limit)]

@@ -110,7 +110,9 @@ def sample(
     path = find_checkpoint(ckpt_path, root_dir, run_name)
     model, tokenizer = load_model(path, device)
     options = {"compile": compile}
-    if draft_data is not None:
+    if draft_data is not None and temperature > 0:
+        print("[--draft_data speeds up greedy decoding (--temperature 0) only: ignored]", file=sys.stderr)
+    elif draft_data is not None:
         options["draft_table"] = NgramTable.from_data_dir(draft_data, tokenizer_sha256=tokenizer.sha256)
 
     def write(text: str, count: int) -> None:

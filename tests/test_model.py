@@ -190,6 +190,21 @@ def test_prefill_then_decode_matches_full_forward(use_rope):
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
 
 
+def test_cache_len_reads_only_the_written_positions():
+    model = tiny_model()
+    idx = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        full = model(idx)
+        model.set_kv_cache(batch_size=2)
+        for block in model.blocks:  # positions not yet written hold NaN: reading them would spread it
+            block.attn.kv_cache.k.fill_(float("nan"))
+            block.attn.kv_cache.v.fill_(float("nan"))
+        prefill = model(idx[:, :8], torch.arange(8), cache_len=8)
+        chunk = model(idx[:, 8:], torch.arange(8, 12), cache_len=12)
+        assert model(idx[:, 8:], torch.arange(8, 12)).isnan().any()  # the whole cache, masked: NaN all the same
+    torch.testing.assert_close(torch.cat([prefill, chunk], dim=1), full, rtol=1e-5, atol=1e-5)
+
+
 def test_kv_cache_buffers_stay_out_of_the_state_dict():
     model = tiny_model()
     keys = set(model.state_dict())

@@ -45,9 +45,18 @@ def test_continuation_stops_where_no_context_is_known():
     assert NgramTable(np.array([1]), vocab_size=10).continuation([1, 1], 3) == []  # a corpus with no n-grams
 
 
-def test_vocabulary_too_large_for_the_keys():
-    with pytest.raises(ValueError, match="max_ngram"):
-        NgramTable(np.array([1, 2, 3]), vocab_size=2**20, max_ngram=3)
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(vocab_size=2**20, max_ngram=3), "overflows"),
+        (dict(vocab_size=10, min_ngram=0), "min_ngram"),
+        (dict(vocab_size=10, max_ngram=2, min_ngram=3), "min_ngram"),
+        (dict(vocab_size=3), r"\[0, 3\)"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NgramTable(np.array([1, 2, 3]), **kwargs)
 
 
 def test_draft_prefers_the_text_then_the_table_then_one_token_matches():
@@ -60,6 +69,9 @@ def test_draft_prefers_the_text_then_the_table_then_one_token_matches():
     assert NgramDraft([9, 2, 3, 8, 9], table=table).propose(1) == [70]
     # Neither the text nor the corpus knows "1 9": the one-token match.
     assert NgramDraft([9, 2, 3, 1, 9], table=table).propose(2) == [2, 3]
+    # Without one-token matches, the table still comes after the text's longer ones.
+    assert NgramDraft([1, 4, 5], min_ngram=2, table=table).propose(3) == [60, 61]
+    assert NgramDraft([9, 2, 3, 1, 9], min_ngram=2, table=table).propose(2) == []
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,13 @@ def test_draft_data_gives_the_same_greedy_story(in_trained: Path, capsys) -> Non
     assert drafted == plain and len(plain) > len("Tom\n")
 
 
+def test_draft_data_is_ignored_when_sampling(in_trained: Path, capsys) -> None:
+    args = ("--ckpt_path", "last", "--max_new_tokens", "20", "--temperature", "0.8", "--seed", "1")
+    plain, _ = sample_out(capsys, *args)
+    out, err = sample_out(capsys, *args, "--draft_data", "missing")  # not even read
+    assert out == plain and "ignored" in err
+
+
 def test_draft_data_of_another_tokenizer_is_a_clear_error(in_trained: Path, tmp_path: Path, capsys) -> None:
     other = tmp_path / "other"
     shutil.copytree(in_trained / "data", other)
