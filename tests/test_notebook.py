@@ -61,5 +61,9 @@ def test_notebook_runs_on_the_latest_run(workdir: Path, monkeypatch: pytest.Monk
     plot = cell_with(nb, "EventAccumulator(")
     assert any("image/png" in out.get("data", {}) for out in plot.outputs)
 
+    speeds = printed(cell_with(nb, "NgramTable.from_data_dir(")).splitlines()
+    assert len(speeds) == 4 and all("tokens/s" in line for line in speeds[:3])
+    assert speeds[3] == "the same story each way: True"
+
     story = printed(nb.cells[-1])
     assert story.startswith("Once upon a time") and len(story) > len("Once upon a time") + 10
