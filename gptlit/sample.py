@@ -114,6 +114,10 @@ def sample(
         print("[--draft_data speeds up greedy decoding (--temperature 0) only: ignored]", file=sys.stderr)
     elif draft_data is not None:
         options["draft_table"] = NgramTable.from_data_dir(draft_data, tokenizer_sha256=tokenizer.sha256)
+    if compile:  # compile before the first story, so that its speed is the decoding's
+        start = time.perf_counter()
+        generate(model, tokenizer.encode("Once upon a time", bos=True), 2, temperature=0, draft_tokens=0, compile=True)
+        print(f"[compiled in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
 
     def write(text: str, count: int) -> None:
         start, tokens = time.perf_counter(), 0

@@ -121,6 +121,14 @@ def test_draft_data_gives_the_same_greedy_story(in_trained: Path, capsys) -> Non
     assert drafted == plain and len(plain) > len("Tom\n")
 
 
+@pytest.mark.slow
+def test_compiled_sampling_writes_the_same_story(in_trained: Path, capsys) -> None:
+    args = ("--ckpt_path", "last", "--prompt", "Tom", "--max_new_tokens", "30", "--temperature", "0")
+    plain, _ = sample_out(capsys, *args)
+    compiled, err = sample_out(capsys, *args, "--compile", "true", "--draft_data", "data")
+    assert compiled == plain and "compiled in" in err
+
+
 def test_draft_data_is_ignored_when_sampling(in_trained: Path, capsys) -> None:
     args = ("--ckpt_path", "last", "--max_new_tokens", "20", "--temperature", "0.8", "--seed", "1")
     plain, _ = sample_out(capsys, *args)
