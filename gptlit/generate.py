@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from functools import partial
+from functools import cache, partial
 
 import torch
 
@@ -99,16 +99,21 @@ def _forward(model: GPT, idx: torch.Tensor, input_pos: torch.Tensor, cache_len: 
     return model(idx, input_pos, cache_len)
 
 
-# Shapes are dynamic, so the graphs compiled for one architecture serve its other instances and every
-# pass length; torch.compile still specializes batch 1, one-token passes and a full cache apart, up
-# to 8 graphs per architecture, hence a higher limit where torch takes one (past the limit, passes
-# run eagerly). The first passes compile (15-20 s on a small CPU; Inductor's disk cache makes later
-# processes start in 1-2 s). The C++ wrapper calls the kernels without Python in between: ~8% faster
-# decoding on a CPU.
-_COMPILE_OPTIONS: dict = {"dynamic": True, "options": {"cpp_wrapper": True}}
-if "recompile_limit" in inspect.signature(torch.compile).parameters:
-    _COMPILE_OPTIONS["recompile_limit"] = 64
-_compiled_forward = torch.compile(_forward, **_COMPILE_OPTIONS)
+@cache
+def _compiled_forward() -> Callable[..., torch.Tensor]:
+    """``_forward`` through ``torch.compile``, made on first use (importing the compiler takes a second).
+
+    Shapes are dynamic, so the graphs compiled for one architecture serve its other instances and every
+    pass length; torch.compile still specializes batch 1, one-token passes and a full cache apart, up
+    to 8 graphs per architecture, hence a higher limit where torch takes one (past the limit, passes
+    run eagerly). The first passes compile (15-20 s on a small CPU; Inductor's disk cache makes later
+    processes start in 1-2 s). The C++ wrapper calls the kernels without Python in between: ~8% faster
+    decoding on a CPU.
+    """
+    options: dict = {"dynamic": True, "options": {"cpp_wrapper": True}}
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        options["recompile_limit"] = 64
+    return torch.compile(_forward, **options)
 
 
 @torch.inference_mode()
@@ -156,7 +161,7 @@ def generate_stream(
     if max_new_tokens == 0:
         return
     device = model.wte.weight.device
-    forward = partial(_compiled_forward, model) if compile else model
+    forward = partial(_compiled_forward(), model) if compile else model
     B, lengths = len(rows), [len(row) for row in rows]
     seqs = [list(row) for row in rows]  # each prompt, then the tokens that follow it
     generator = None
