@@ -1,4 +1,4 @@
-"""Sampling from a GPT with its KV cache: greedy, temperature, top-k and nucleus (top-p)."""
+"""Sampling from a GPT with its KV cache: greedy (with drafted tokens), temperature, top-k and nucleus (top-p)."""
 
 from __future__ import annotations
 
