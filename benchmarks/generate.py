@@ -5,12 +5,13 @@
 
 The model is a trained gptlit checkpoint (greedy decoding of random weights says little about real text);
 transformers decodes its `gptlit export` (GPTNeoXForCausalLM). The prompts are the first 16 tokens of
-validation stories (never seen in training, nor by the corpus table); both sides must produce identical
+validation stories (never seen in training, nor by the n-gram tables); both sides must produce identical
 tokens. gptlit is timed as it runs by default (drafted tokens checked in each forward pass at batch 1),
-with the corpus n-gram table of its training data (`NgramTable`), compiled (`compile=True`, compilation
-excluded: one warm-up call first), and with one token per pass; transformers plain and with its own
-prompt lookup (`prompt_lookup_num_tokens`, batch 1 only). Also: gptlit with and without its KV cache at
-512 new tokens.
+with the n-gram table of its training data (`NgramTable.from_data_dir`) or of its own greedy
+continuations of training-story openings (`NgramTable.from_model`, built before timing), compiled
+(`compile=True`, compilation excluded: one warm-up call first), and with one token per pass;
+transformers plain and with its own prompt lookup (`prompt_lookup_num_tokens`, batch 1 only).
+Also: gptlit with and without its KV cache at 512 new tokens.
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ def main() -> None:
         "gptlit generate": lambda b: gptlit(b),
         "gptlit + corpus table": lambda b: gptlit(b, draft_table=corpus_table),
         "gptlit + corpus table, compiled": lambda b: gptlit(b, draft_table=corpus_table, compile=True),
+        "gptlit + model's table": lambda b: gptlit(b, draft_table=model_table),
+        "gptlit + model's table, compiled": lambda b: gptlit(b, draft_table=model_table, compile=True),
         "gptlit, compiled": lambda b: gptlit(b, compile=True),
         "gptlit, one token per pass": lambda b: gptlit(b, draft_tokens=0),
         "transformers generate": lambda b: hf(b),
@@ -126,6 +129,9 @@ def main() -> None:
     cases = [(name, b) for b in (1, 8) for name in variants if b == 1 or not any(w in name for w in batch_1_only)]
     # Compile first: batch 1 and batch 8 get graphs of their own.
     gptlit(1, draft_table=corpus_table, compile=True), gptlit(8, compile=True)
+    start = time.perf_counter()
+    model_table = NgramTable.from_model(ours, data_dir, compile=True)
+    model_table_seconds = time.perf_counter() - start
     identical = {(name, b): variants[name](b) == expected[b] for name, b in cases}
 
     def rate(fn, batch: int):
@@ -155,11 +161,17 @@ def main() -> None:
         if args.checkpoint
         else f"configs/tiny.yaml trained {args.train_steps} steps on the TinyStories sample"
     )
-    table_size = ", ".join(f"{len(t):,} {n}-grams" for n, t in corpus_table.next.items())
+
+    def size(table: NgramTable) -> str:
+        return ", ".join(f"{len(t):,} {n}-grams" for n, t in table.next.items())
+
     report = (
         f"`python benchmarks/generate.py`: {model_text} ({ours.num_params() / 1e6:.1f}M parameters); "
         f"the openings ({PROMPT_TOKENS} tokens) of {PROMPTS} validation stories, {n} new tokens each, "
-        f"{args.rounds} interleaved rounds (median); corpus table of the training split ({table_size}).\n"
+        f"{args.rounds} interleaved rounds (median). Corpus table: `NgramTable.from_data_dir`, the training "
+        f"split ({size(corpus_table)}). Model's table: `NgramTable.from_model(compile=True)`, its greedy "
+        f"continuations of 256 training-story openings ({size(model_table)}; built in "
+        f"{model_table_seconds:.1f} s).\n"
         f"Machine: {machine()}.\n\n{table}\n\n"
         f"- KV cache at {long} new tokens (batch 1, one token per pass, block {config.block_size}: the cache "
         f"slides, the uncached loop re-reads the last {config.block_size} tokens): cached "

@@ -4,15 +4,20 @@ At batch 1 a decoding step is bound by reading the weights, not by arithmetic: c
 tokens in one forward pass costs little more than producing one. Stories repeat names and phrases, and
 greedy decoding repeats itself more, so the tokens that followed the last occurrence of the current
 n-gram are good guesses. Where the text has no such n-gram yet (early in a story), the most frequent
-continuations in the training data (`NgramTable`) are the next best guess. `gptlit.generate` keeps the
-guesses the model agrees with, so the output is the greedy output either way.
+continuations in a corpus (`NgramTable`) are the next best guess: the training data's, or better, the
+model's own greedy continuations of training-story openings. `gptlit.generate` keeps the guesses the
+model agrees with, so the output is the greedy output either way.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from gptlit.model import GPT
 
 
 class NgramTable:
@@ -64,18 +69,51 @@ class NgramTable:
         With ``tokenizer_sha256`` (`Tokenizer.sha256` of the model's tokenizer), a directory tokenized by
         another tokenizer is refused: its ids would name other tokens.
         """
-        from gptlit.prepare import check_bin, read_meta
-        from gptlit.sources import DataError
+        tokens, vocab_size = _training_tokens(data_dir, tokenizer_sha256)
+        return cls(tokens[:max_tokens], vocab_size, **kwargs)
 
-        meta = read_meta(data_dir)
-        if tokenizer_sha256 is not None and meta["settings"].get("tokenizer_sha256") != tokenizer_sha256:
-            raise DataError(
-                f"{data_dir} was tokenized by another tokenizer than the model's: pass the data directory the "
-                "model was trained on"
-            )
-        path, dtype, count = check_bin(data_dir, meta, "train")
-        tokens = np.memmap(path, dtype=dtype, mode="r", shape=(count,))[:max_tokens]
-        return cls(tokens, meta["vocab_size"], **kwargs)
+    @classmethod
+    def from_model(
+        cls,
+        model: GPT,
+        data_dir: str | Path,
+        stories: int = 256,
+        prompt_tokens: int = 16,
+        max_new_tokens: int = 128,
+        tokenizer_sha256: str | None = None,
+        compile: bool = False,
+        **kwargs,
+    ) -> NgramTable:
+        """The table of the model's own greedy continuations of the openings of ``stories`` training stories.
+
+        Greedy decoding keeps to the phrasings the model settled on, so its own output predicts its next
+        output better than the training text does: on the benchmark model, 4.9 tokens per pass against
+        3.9 with `from_data_dir`, for a few seconds of decoding (256 stories, batches of 8) to build it.
+
+        Args:
+            model: The model whose greedy decoding the table will draft for.
+            data_dir: Its prepared data directory: the openings are the first ``prompt_tokens`` tokens
+                of the first ``stories`` stories of ``train.bin``.
+            max_new_tokens: Tokens decoded after each opening.
+            tokenizer_sha256: As in `from_data_dir`: refuse a directory of another tokenizer.
+            compile: Decode with ``torch.compile`` (see `gptlit.generate.generate`).
+            kwargs: ``max_ngram``, ``min_ngram`` and ``min_count`` of the table.
+        """
+        from gptlit.generate import generate
+        from gptlit.prepare import offsets_path
+
+        if stories < 1 or prompt_tokens < 1:
+            raise ValueError(f"need stories >= 1 and prompt_tokens >= 1, got {stories} and {prompt_tokens}")
+        train, _ = _training_tokens(data_dir, tokenizer_sha256)
+        offsets = np.load(offsets_path(data_dir, "train"))[: stories + 1].tolist()
+        starts, ends = offsets[:stories], [*offsets[1:], len(train)][:stories]  # a story ends where the next starts
+        openings = [train[a : min(a + prompt_tokens, b)].tolist() for a, b in zip(starts, ends, strict=True)]
+        tokens: list[int] = []
+        for i in range(0, len(openings), 8):
+            batch = openings[i : i + 8]
+            for opening, new in zip(batch, generate(model, batch, max_new_tokens, 0, compile=compile), strict=True):
+                tokens += opening + new
+        return cls(np.array(tokens, dtype=np.int64), model.config.vocab_size, **kwargs)
 
     def continuation(self, context: list[int], limit: int) -> list[int]:
         """Up to ``limit`` tokens after ``context``, each the most frequent one after the longest known n-gram."""
@@ -149,3 +187,18 @@ class NgramDraft:
         # The text since that occurrence, repeated: a loop of period p gets guesses past its end.
         period = len(self.tokens) - start
         return [self.tokens[start + i % period] for i in range(limit)]
+
+
+def _training_tokens(data_dir: str | Path, tokenizer_sha256: str | None) -> tuple[np.ndarray, int]:
+    """The tokens of a prepared directory's ``train.bin`` (memory-mapped) and its vocabulary size."""
+    from gptlit.prepare import check_bin, read_meta
+    from gptlit.sources import DataError
+
+    meta = read_meta(data_dir)
+    if tokenizer_sha256 is not None and meta["settings"].get("tokenizer_sha256") != tokenizer_sha256:
+        raise DataError(
+            f"{data_dir} was tokenized by another tokenizer than the model's: pass the data directory the "
+            "model was trained on"
+        )
+    path, dtype, count = check_bin(data_dir, meta, "train")
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,)), meta["vocab_size"]

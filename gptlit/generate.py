@@ -260,8 +260,9 @@ def generate(
         on_token: Called as ``on_token(prompt_index, token_id)`` for each new token, as it is produced.
         draft_tokens: Greedy decoding of a single prompt checks up to this many guessed tokens per forward
             pass (see `generate_stream`); 0 feeds one token at a time. The tokens are the same either way.
-        draft_table: Continuations seen in the training data (`NgramTable.from_data_dir`), guessed where
-            the text so far offers none: more tokens per pass, the same tokens.
+        draft_table: Continuations seen in a corpus, guessed where the text so far offers none: the
+            training data's (`NgramTable.from_data_dir`) or the model's own greedy continuations
+            (`NgramTable.from_model`). More tokens per pass, the same tokens.
         compile: Run the forward passes through ``torch.compile`` (seconds to compile on the first call,
             faster decoding after).
     """

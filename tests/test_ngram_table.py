@@ -6,10 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_stories
+from test_draft import CountingForward, expected_passes
 
+from gptlit.config import GPTConfig
 from gptlit.draft import NgramDraft, NgramTable
-from gptlit.prepare import bin_path, prepare_dataset
+from gptlit.generate import generate
+from gptlit.model import GPT
+from gptlit.prepare import bin_path, offsets_path, prepare_dataset
 from gptlit.sources import TXT_SEPARATOR, DataError
 
 
@@ -94,3 +99,40 @@ def test_from_data_dir_reads_the_training_split(prepared: Path):
 def test_from_data_dir_of_an_unprepared_directory(tmp_path: Path):
     with pytest.raises(DataError, match="gptlit prepare"):
         NgramTable.from_data_dir(tmp_path)
+
+
+def sharp_model(vocab_size: int) -> GPT:
+    """A small GPT pushed off its init, so that its greedy continuations wander instead of repeating one token."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=64, embed_dim=32, n_heads=4, n_layers=2, dropout=0.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def test_from_model_is_the_table_of_the_models_greedy_continuations(prepared: Path, monkeypatch):
+    model = sharp_model(320)
+    # 10 stories: a batch of 8 and one of 2
+    table = NgramTable.from_model(model, prepared, stories=10, prompt_tokens=6, max_new_tokens=12, min_count=1)
+    train = np.fromfile(bin_path(prepared, "train"), dtype=np.uint16).astype(np.int64)
+    openings = [train[start : start + 6].tolist() for start in np.load(offsets_path(prepared, "train"))[:10]]
+    tokens = [t for ids in openings for t in [*ids, *generate(model, ids, 12, temperature=0, draft_tokens=0)[0]]]
+    assert table.next == NgramTable(np.array(tokens), 320, min_count=1).next
+    assert len(tokens) == 10 * 18 and len(table.next[3]) > 50
+
+    # Decoding one of those openings again: the table guesses the continuation; same tokens, fewer passes.
+    plain = generate(model, openings[3], 12, temperature=0)[0]
+    counter = CountingForward(model, monkeypatch)
+    assert generate(model, openings[3], 12, temperature=0, draft_table=table)[0] == plain
+    # The prompt's pass gives the first token; two passes of 8 guesses (all right) and one token more give 11.
+    assert counter.calls == 1 + 2 == 1 + expected_passes(openings[3], plain, 8, 64, table)
+    assert expected_passes(openings[3], plain, 8, 64) > 2
+
+
+def test_from_model_bad_arguments(prepared: Path):
+    model = sharp_model(320)
+    with pytest.raises(ValueError, match="stories >= 1"):
+        NgramTable.from_model(model, prepared, stories=0)
+    with pytest.raises(DataError, match="another tokenizer"):
+        NgramTable.from_model(model, prepared, tokenizer_sha256="0" * 64)
