@@ -1,6 +1,7 @@
 """A GPT in plain PyTorch: RoPE (or learned positions), causal SDPA attention with a KV cache, GELU MLP.
 
-Modules are defined leaf-first: norms, rotary embeddings, the KV cache, attention, MLP, Block, GPT.
+Modules are defined leaf-first: norms, the KV cache, attention, MLP, Block, GPT (rotary embeddings:
+`gptlit/rope.py`).
 Nothing here imports Lightning: the model can be used, tested and exported on its own.
 """
 
@@ -14,30 +15,13 @@ from torch import nn
 
 from gptlit.config import GPTConfig
 from gptlit.loss import chunked_cross_entropy
+from gptlit.rope import build_rope_cache, split_heads
 
 
 def build_norm(config: GPTConfig) -> nn.Module:
     if config.norm_type == "rmsnorm":
         return nn.RMSNorm(config.embed_dim, eps=1e-5)
     return nn.LayerNorm(config.embed_dim, eps=1e-5, bias=config.bias)
-
-
-def build_rope_cache(seq_len: int, head_size: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (seq_len, head_size), in the rotate-half layout of GPT-NeoX and Llama.
-
-    Channel i and channel i + head_size/2 form one rotating pair, with frequency base^(-2i/head_size).
-    """
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))  # (hs/2,)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (T, hs/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (T, hs)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, nh, T, hs) by the angles of its positions; cos and sin are (T, hs)."""
-    half = x.size(-1) // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # rotate_half(x)
-    return (x * cos + rotated * sin).to(x.dtype)
 
 
 class KVCache(nn.Module):
@@ -83,13 +67,7 @@ class CausalSelfAttention(nn.Module):
         cache_len: int | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_size).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
-        if rope is not None:
-            # q and k rotate together: one set of kernels for both. (2, B, nh, T, hs)
-            q, k = apply_rope(qkv[:2], *rope).unbind(0)
-            v = qkv[2]
-        else:
-            q, k, v = qkv.unbind(0)  # 3 x (B, nh, T, hs)
+        q, k, v = split_heads(self.qkv(x), self.n_heads, rope)  # 3 x (B, nh, T, hs)
 
         if input_pos is None:
             # Training and uncached inference: plain causal attention over these T tokens.

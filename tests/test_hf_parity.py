@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never the network
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from gptlit.config import GPTConfig
@@ -19,6 +21,7 @@ from gptlit.hf_mapping import (
     to_neox_state_dict,
 )
 from gptlit.model import GPT
+from gptlit.rope import RotaryQKV
 
 CONFIG = GPTConfig(vocab_size=113, block_size=32, embed_dim=48, n_heads=4, n_layers=2, dropout=0.0)
 
@@ -64,6 +67,25 @@ def test_logits_match(models, batch, length):
     assert expected.dtype == actual.dtype == torch.float32
     assert expected.abs().max() > 1.0  # not a degenerate near-zero output
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_training_loss_and_gradients_match(models, monkeypatch):
+    # In training, gptlit's attention takes its eager fast path (gptlit.rope.RotaryQKV) and its loss the
+    # chunked head: the loss and every gradient must still be GPT-NeoX's.
+    hf, ours = (copy.deepcopy(m).train() for m in models)
+    idx, targets = torch.randint(0, CONFIG.vocab_size, (2, 2, 32), generator=torch.Generator().manual_seed(5))
+    fast_path, apply = [], RotaryQKV.apply
+    monkeypatch.setattr(RotaryQKV, "apply", lambda *args: fast_path.append(1) or apply(*args))
+    loss = ours.loss(idx, targets)
+    assert len(fast_path) == CONFIG.n_layers
+    loss.backward()
+    logits = hf(idx).logits
+    expected = F.cross_entropy(logits.view(-1, CONFIG.vocab_size), targets.reshape(-1))
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    grads = to_neox_state_dict({name: p.grad for name, p in ours.named_parameters()}, CONFIG)
+    for name, p in hf.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_export_direction_matches_too():
