@@ -30,7 +30,7 @@ KINDS = {
     "attention (SDPA)": ("attention", "sdpa"),
     "norms": ("layer_norm", "rms_norm"),
     "GELU": ("gelu",),
-    "loss (softmax, gather)": ("log_softmax", "logsumexp", "cross_entropy", "nll_loss", "gather", "exp"),
+    "loss (softmax, gather)": ("log_softmax", "logsumexp", "cross_entropy", "nll_loss", "gather", "aten::exp"),
     "optimizer and clipping": ("adam", "foreach", "norm", "clamp"),
     "dtype casts and copies": ("copy_", "to_copy", "clone", "contiguous"),
 }

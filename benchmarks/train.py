@@ -1,11 +1,14 @@
 """Training throughput: gptlit through the Lightning Trainer, the same model in a plain loop, litgpt, GPT-NeoX.
 
     python benchmarks/train.py --config tiny --precision 32 bf16
-    python benchmarks/train.py --config small --precision bf16 --compile
+    python benchmarks/train.py --config small --precision bf16 --compile   # on a GPU: --device cuda (default there)
 
 Every variant trains the same architecture on the same batches (TinyStories windows) with the same AdamW
 settings, gradient clipping and precision; steady-state tokens/s is the median over interleaved rounds,
-warm-up excluded. MFU is model FLOPs/s over the matmul peak measured in the same run. Needs the bench extra
+warm-up excluded. MFU is model FLOPs/s over the matmul peak measured in the same run. "autograd rope" is
+gptlit's plain loop with the qkv split's gradient left to autograd (`gptlit.rope.split_and_rotate`) instead of
+the hand-written `RotaryQKV`. On CUDA the report also says whether SDPA's flash attention kernel runs the
+model, and the results go to a README section of their own, named after the card. Needs the bench extra
 (`pip install -e ".[bench]"` and `pip install --no-deps litgpt`).
 """
 
@@ -13,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
@@ -33,6 +38,7 @@ from gptlit.data import TinyStoriesDataModule
 from gptlit.hf_mapping import neox_config_dict
 from gptlit.model import GPT
 from gptlit.module import GPTLitModule, build_optimizer
+from gptlit.rope import split_and_rotate
 
 ROOT = Path(__file__).parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "tinystories-train-2mib.txt"
@@ -81,13 +87,15 @@ class NeoXLogits(torch.nn.Module):
 
 
 def plain_loop(
-    model: torch.nn.Module, batches: list, bf16: bool, steps: int, compile: bool = False
+    model: torch.nn.Module, batches: list, bf16: bool, steps: int, compile: bool = False, device: str = "cpu"
 ) -> Callable[[], float]:
     """A training loop with nothing but the work: forward, loss, backward, clip, AdamW step.
 
     A gptlit GPT computes its loss as GPTLitModule does (``GPT.loss``: the chunked head); the others
     produce logits for ``F.cross_entropy``.
     """
+    model.to(device)
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
     if isinstance(model, GPT):
         loss_fn = model.loss
     else:
@@ -108,7 +116,7 @@ def plain_loop(
         optimizer = torch.optim.AdamW(groups, lr=LR, betas=BETAS, fused=True)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
@@ -117,29 +125,52 @@ def plain_loop(
 
     def run() -> float:
         step(*batches[0])  # warm-up
+        synchronize(device)
         start = time.perf_counter()
         for i in range(steps):
             step(*batches[(i + 1) % len(batches)])
+        synchronize(device)
         return steps * batches[0][0].numel() / (time.perf_counter() - start)
 
     return run
 
 
+def autograd_rope(run: Callable[[], float]) -> Callable[[], float]:
+    """``run`` with gptlit's qkv split and rotation left to autograd (``split_and_rotate``, the inference
+    path) instead of its hand-written gradient (``RotaryQKV``): what that gradient gains."""
+
+    def patched() -> float:
+        with mock.patch("gptlit.model.split_heads", split_and_rotate):
+            return run()
+
+    return patched
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 class StepClock(L.Callback):
-    def __init__(self) -> None:
+    def __init__(self, device: str) -> None:
         self.ends: list[float] = []
+        self.device = device
 
     def on_train_batch_end(self, *args) -> None:
+        synchronize(self.device)
         self.ends.append(time.perf_counter())
 
 
-def trainer_loop(module: GPTLitModule, data: TinyStoriesDataModule, bf16: bool, steps: int, log_dir: str):
+def trainer_loop(
+    module: GPTLitModule, data: TinyStoriesDataModule, bf16: bool, steps: int, log_dir: str, device: str = "cpu"
+):
     """`gptlit fit` without the CLI: the Trainer, GPTLitModule's step and logging, the data module's loader."""
 
     def run() -> float:
-        clock = StepClock()
+        clock = StepClock(device)
         trainer = L.Trainer(
-            accelerator="cpu",
+            accelerator="gpu" if device == "cuda" else "cpu",
+            devices=1,
             max_steps=steps + 1,
             precision="bf16-mixed" if bf16 else "32-true",
             gradient_clip_val=CLIP,
@@ -166,8 +197,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the gptlit model")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-readme", action="store_true")
     args = parser.parse_args()
+    device = args.device
     torch.manual_seed(0)
     shape = SHAPES[args.config]
     config = GPTConfig(**shape, dropout=0.0)
@@ -186,19 +219,22 @@ def main() -> None:
     loader = iter(data.train_dataloader())
     batches = [next(loader) for _ in range(8)]
     flops_per_token = GPT(config).flops_per_token()
-    peaks = {"32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    peaks = {"32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
 
     rows, body = [], []
     for precision in args.precision:
         bf16 = precision == "bf16"
+        loop = functools.partial(plain_loop, batches=batches, bf16=bf16, steps=args.steps, device=device)
+        trainer = trainer_loop(GPTLitModule(**shape, dropout=0.0), data, bf16, args.steps, work, device)
         runners = {
-            "gptlit fit (Trainer)": trainer_loop(GPTLitModule(**shape, dropout=0.0), data, bf16, args.steps, work),
-            "gptlit plain loop": plain_loop(GPT(config), batches, bf16, args.steps),
-            "litgpt GPT": plain_loop(litgpt_model(config), batches, bf16, args.steps),
-            "transformers GPTNeoX": plain_loop(NeoXLogits(config), batches, bf16, args.steps),
+            "gptlit fit (Trainer)": trainer,
+            "gptlit plain loop": loop(GPT(config)),
+            "gptlit plain loop, autograd rope": autograd_rope(loop(GPT(config))),
+            "litgpt GPT": loop(litgpt_model(config)),
+            "transformers GPTNeoX": loop(NeoXLogits(config)),
         }
         if args.compile:
-            runners["gptlit compiled"] = plain_loop(GPT(config), batches, bf16, args.steps, compile=True)
+            runners["gptlit compiled"] = loop(GPT(config), compile=True)
         with contextlib.redirect_stdout(sys.stderr):
             rates = interleaved(runners, args.rounds)
         best_peer = max(rates["litgpt GPT"], rates["transformers GPTNeoX"])
@@ -208,7 +244,8 @@ def main() -> None:
         body.append(
             f"- {args.config} {precision}: Trainer / plain loop = "
             f"{rates['gptlit fit (Trainer)'] / rates['gptlit plain loop']:.3f}; "
-            f"gptlit plain / best peer = {rates['gptlit plain loop'] / best_peer:.3f}"
+            f"gptlit plain / best peer = {rates['gptlit plain loop'] / best_peer:.3f}; RotaryQKV's gain = "
+            f"{rates['gptlit plain loop'] / rates['gptlit plain loop, autograd rope']:.3f}"
         )
     table = markdown_table(["config", "precision", "variant", "tokens/s", "vs best peer", "MFU"], rows)
     peak_line = f"Matmul peaks (2048²): fp32 {peaks['32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s."
@@ -218,9 +255,28 @@ def main() -> None:
         f"{args.rounds} interleaved rounds of {args.steps} steps (median).\n"
         f"Machine: {machine()}.\n\n{table}\n\n{peak_line}\n" + "\n".join(body)
     )
+    title = f"Training throughput: {args.config}"
+    if device == "cuda":
+        report += f"\n- SDPA's flash attention kernel runs this model's bf16 step: {flash_attention_runs(config)}"
+        title += f", {torch.cuda.get_device_name()}"
     print(report)
     if not args.no_readme:
-        write_section(f"Training throughput: {args.config}", report)
+        write_section(title, report)
+
+
+def flash_attention_runs(config: GPTConfig) -> bool:
+    """Whether a bf16 training step of ``config`` runs with SDPA limited to its flash attention kernel (on
+    CUDA, SDPA's first choice when it can run)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = GPT(config).cuda()
+    idx = torch.randint(0, config.vocab_size, (2, config.block_size), device="cuda")
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
+            model.loss(idx, idx).backward()
+    except RuntimeError:  # "No available kernel"
+        return False
+    return True
 
 
 if __name__ == "__main__":

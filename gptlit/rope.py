@@ -1,10 +1,10 @@
 """Rotary position embeddings (RoPE) and the split of the fused qkv projection into rotated heads.
 
-`split_heads` has two implementations of one computation. The plain one (view, permute, `apply_rope`,
-unbind) is what inference and `torch.compile` run; Inductor fuses it. In eager training, autograd's
-gradient of that chain zero-fills and adds full-size buffers for each slice and copies the permuted
-gradient back into the projection's layout; `RotaryQKV` writes each gradient straight into its place
-instead, for 5% faster training steps on a CPU (`benchmarks/README.md`).
+`split_heads` has two implementations of one computation. The plain one (`split_and_rotate`: view,
+permute, `apply_rope`, unbind) is what inference and `torch.compile` run; Inductor fuses it. In eager
+training, autograd's gradient of that chain zero-fills and adds full-size buffers for each slice and
+copies the permuted gradient back into the projection's layout; `RotaryQKV` writes each gradient
+straight into its place instead, for 5% faster training steps on a CPU (`benchmarks/README.md`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,13 @@ def split_heads(
     cos and sin (T, hs) when given."""
     if rope is not None and qkv.requires_grad and not torch.compiler.is_compiling():
         return RotaryQKV.apply(qkv, *rope, n_heads)
+    return split_and_rotate(qkv, n_heads, rope)
+
+
+def split_and_rotate(
+    qkv: torch.Tensor, n_heads: int, rope: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`split_heads` in plain operations, whose gradient autograd derives."""
     B, T, _ = qkv.shape
     heads = qkv.view(B, T, 3, n_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
     if rope is None:
@@ -50,7 +57,8 @@ class RotaryQKV(torch.autograd.Function):
 
     With (x1, x2) the two halves of a head's channels and (c, s) the cos and sin of their angles, the
     rotation is (x1 c - x2 s, x2 c + x1 s); its gradient is the inverse rotation of the output's gradient
-    g: (g1 c + g2 s, g2 c - g1 s).
+    g: (g1 c + g2 s, g2 c - g1 s). cos and sin are constants (they get no gradient), the backward pass
+    is not itself differentiable, and the outputs are not to be modified in place.
     """
 
     @staticmethod
@@ -58,7 +66,7 @@ class RotaryQKV(torch.autograd.Function):
         B, T, _ = qkv.shape
         heads = qkv.view(B, T, 3, n_heads, -1)  # (B, T, 3, nh, hs)
         half = heads.size(-1) // 2
-        c, s = cos[:, :half], sin[:, :half]  # (T, hs/2): both halves share their angles
+        c, s = cos[..., :half], sin[..., :half]  # (T, hs/2): both halves share their angles
         x = heads[:, :, :2].permute(2, 0, 3, 1, 4)  # (2, B, nh, T, hs): q and k, strided
         out = torch.empty(x.shape, dtype=qkv.dtype, device=qkv.device)
         _rotate(x[..., :half], x[..., half:], c, s, out[..., :half], out[..., half:])
@@ -66,11 +74,12 @@ class RotaryQKV(torch.autograd.Function):
         return out[0], out[1], heads[:, :, 2].transpose(1, 2)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor):
         cos, sin = ctx.saved_tensors
         B, nh, T, hs = grad_q.shape
         half = hs // 2
-        c, s = cos[:, :half], sin[:, :half]
+        c, s = cos[..., :half], sin[..., :half]
         grad = torch.empty((B, T, 3, nh, hs), dtype=grad_q.dtype, device=grad_q.device)  # qkv's layout
         for i, g in enumerate((grad_q, grad_k)):
             dst = grad[:, :, i].transpose(1, 2)  # (B, nh, T, hs) view into grad
@@ -80,8 +89,11 @@ class RotaryQKV(torch.autograd.Function):
 
 
 def _rotate(x1, x2, c, s, out1, out2) -> None:
-    """out1 = x1 c - x2 s and out2 = x2 c + x1 s, written into out1 and out2 (views of one tensor)."""
-    torch.mul(x1, c, out=out1)
-    out1.addcmul_(x2, s, value=-1)
-    torch.mul(x2, c, out=out2)
-    out2.addcmul_(x1, s)
+    """out1 = x1 c - x2 s and out2 = x2 c + x1 s, written into out1 and out2 (views of one tensor).
+
+    In c's dtype (float32), rounded once into a lower-precision out, as `apply_rope` does."""
+    for out, a, b, sign in ((out1, x1, x2, -1), (out2, x2, x1, 1)):
+        if out.dtype == c.dtype:
+            torch.mul(a, c, out=out).addcmul_(b, s, value=sign)
+        else:
+            out.copy_((a * c).addcmul_(b, s, value=sign))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +133,27 @@ def test_from_model_is_the_table_of_the_models_greedy_continuations(prepared: Pa
 
 def test_from_model_bad_arguments(prepared: Path):
     model = sharp_model(320)
-    with pytest.raises(ValueError, match="stories >= 1"):
-        NgramTable.from_model(model, prepared, stories=0)
+    for bad in (dict(stories=0), dict(prompt_tokens=0), dict(batch_size=0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            NgramTable.from_model(model, prepared, **bad)
     with pytest.raises(DataError, match="another tokenizer"):
         NgramTable.from_model(model, prepared, tokenizer_sha256="0" * 64)
+
+
+def test_from_model_openings_end_with_their_story_and_continuations_at_eos(prepared: Path, monkeypatch):
+    model = sharp_model(320)
+    train = np.fromfile(bin_path(prepared, "train"), dtype=np.uint16).astype(np.int64)
+    starts = np.load(offsets_path(prepared, "train"))[:4].tolist()
+    stories = [train[a:b].tolist() for a, b in itertools.pairwise(starts)]  # the first three
+    long = max(len(story) for story in stories) + 5  # longer than any of the first three stories
+    decoded: list[list[int]] = []
+    eos = 7
+
+    def recording(model, batch, max_new_tokens, **options):
+        assert options["eos_id"] == eos and options["temperature"] == 0
+        decoded.extend(batch)
+        return [[eos - 1] for _ in batch]
+
+    monkeypatch.setattr("gptlit.generate.generate", recording)
+    NgramTable.from_model(model, prepared, stories=3, prompt_tokens=long, eos_id=eos, batch_size=2)
+    assert decoded == stories  # whole stories, none running into the next one
