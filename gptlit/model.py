@@ -8,6 +8,7 @@ Nothing here imports Lightning: the model can be used, tested and exported on it
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,9 @@ from torch import nn
 from gptlit.config import GPTConfig
 from gptlit.loss import chunked_cross_entropy
 from gptlit.rope import build_rope_cache, split_heads
+
+if TYPE_CHECKING:
+    from gptlit.draft import NgramTable
 
 
 def build_norm(config: GPTConfig) -> nn.Module:
@@ -267,12 +271,18 @@ class GPT(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        draft_table: NgramTable | None = None,
+        compile: bool = False,
     ) -> torch.Tensor:
-        """Continue token_ids (B, T) by max_new_tokens; returns (B, T + max_new_tokens), prompt included."""
+        """Continue token_ids (B, T) by max_new_tokens; returns (B, T + max_new_tokens), prompt included.
+
+        The options are those of `gptlit.generate.generate`.
+        """
         from gptlit.generate import generate
 
         if token_ids.dim() == 1:
             token_ids = token_ids.unsqueeze(0)
-        new = generate(self, token_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, draft_table=draft_table)
+        new = generate(self, token_ids, max_new_tokens, compile=compile, **options)
         new_ids = torch.tensor(new, dtype=token_ids.dtype, device=token_ids.device)  # (B, max_new_tokens)
         return torch.cat((token_ids, new_ids.view(token_ids.size(0), -1)), dim=1)

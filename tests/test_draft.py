@@ -154,6 +154,9 @@ def test_corpus_table_gives_more_tokens_per_pass_and_the_same_tokens(monkeypatch
     assert generate(model, ids, 40, temperature=0, draft_table=table)[0] == plain
     passes = expected_passes(ids, plain, 8, 64, table)
     assert counter.calls - 1 == passes < expected_passes(ids, plain, 8, 64)
+    counter.calls = 0  # the same through GPT.generate
+    assert model.generate(torch.tensor(ids), 40, temperature=0, draft_table=table)[0, len(ids) :].tolist() == plain
+    assert counter.calls - 1 == passes
     # A corpus of other text: wrong guesses, the same tokens.
     other = NgramTable(np.array(prompt(200, seed=9) * 2), vocab_size=model.config.vocab_size)
     assert generate(model, ids, 40, temperature=0, draft_table=other)[0] == plain
