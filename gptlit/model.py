@@ -1,8 +1,7 @@
 """A GPT in plain PyTorch: RoPE (or learned positions), causal SDPA attention with a KV cache, GELU MLP.
 
-Modules are defined leaf-first: norms, the KV cache, attention, MLP, Block, GPT (rotary embeddings:
-`gptlit/rope.py`).
-Nothing here imports Lightning: the model can be used, tested and exported on its own.
+Modules are defined leaf-first: norms, the KV cache, attention, MLP, Block, GPT; the rotary embeddings are
+in `gptlit/rope.py`. Nothing here imports Lightning: the model can be used, tested and exported on its own.
 """
 
 from __future__ import annotations
