@@ -201,6 +201,8 @@ def main() -> None:
     parser.add_argument("--no-readme", action="store_true")
     args = parser.parse_args()
     device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch sees no CUDA device; run on a GPU machine or pass --device cpu")
     torch.manual_seed(0)
     shape = SHAPES[args.config]
     config = GPTConfig(**shape, dropout=0.0)
