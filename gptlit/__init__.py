@@ -1,6 +1,46 @@
-"""gptlit: train a small GPT from scratch on TinyStories with PyTorch Lightning."""
+"""gptlit: train a small GPT from scratch on TinyStories with PyTorch Lightning, and sample stories from it.
+
+The public face, imported on first use (``import gptlit`` itself stays light)::
+
+    from gptlit import GPT, GPTConfig, Tokenizer
+
+    model = GPT.load_from_checkpoint("lightning_logs/tiny/checkpoints/best.ckpt")
+    tokenizer = Tokenizer.from_checkpoint("lightning_logs/tiny/checkpoints/best.ckpt")
+    ids = model.generate(token_ids=tokenizer.encode("Once upon a time", bos=True), max_new_tokens=100)
+    print(tokenizer.decode(ids))
+
+Batched sampling with streaming, eos and drafted greedy decoding: ``from gptlit.generate import generate``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from gptlit.config import GPTConfig
 
-__all__ = ["GPTConfig"]
 __version__ = "0.1.0"
+
+# name -> the module that defines it
+_PUBLIC = {
+    "GPT": "gptlit.model",
+    "Tokenizer": "gptlit.tokenizer",
+    "NgramTable": "gptlit.draft",
+    "GPTLitModule": "gptlit.module",
+    "TinyStoriesDataModule": "gptlit.data",
+    "load_model": "gptlit.runs",
+    "cli_main": "gptlit.cli",
+}
+__all__ = ["GPTConfig", *_PUBLIC]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'gptlit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # the next access finds it directly
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
@@ -15,56 +16,28 @@ from typing import NoReturn
 
 from jsonargparse import ArgumentParser, auto_cli
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, ThroughputMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from gptlit.callbacks import AtomicCheckpointIO, GracefulStop, LastCheckpoint, SaveRunConfig, best_checkpoint
+from gptlit.checkpoint import read_checkpoint
+from gptlit.checkpointing import AtomicCheckpointIO, BestCheckpoint, LastCheckpoint
 from gptlit.data import TinyStoriesDataModule
+from gptlit.errors import ConfigError, GptlitError, UsageError
 from gptlit.export import export
-from gptlit.module import GPTLitModule, NonFiniteLossError
-from gptlit.runs import (
-    CHECKPOINT_ALIASES,
-    UsageError,
-    check_same_shape,
-    latest_run,
-    load_checkpoint,
-    resolve_checkpoint,
-    run_dir,
-)
+from gptlit.lightning_private import KeepConfigOverCheckpoint
+from gptlit.module import GPTLitModule
+from gptlit.run_config import SaveRunConfig, command_options, is_rank_zero, migrated_config_args
+from gptlit.runs import CHECKPOINT_ALIASES, check_same_shape, latest_run, resolve_checkpoint, run_dir
 from gptlit.sample import sample
+from gptlit.stopping import GracefulStop
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 FUNCTION_SUBCOMMANDS = {"sample": sample, "export": export}
 SUBCOMMANDS = (*LIGHTNING_SUBCOMMANDS, "prepare", *FUNCTION_SUBCOMMANDS)
-
-
-def _option(args: list[str], name: str) -> str | None:
-    """The value of ``--name value`` or ``--name=value`` in args, if given."""
-    for i, arg in enumerate(args):
-        if arg == name and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def _is_rank_zero() -> bool:
-    """Whether this is the first process of a run, judged from the environment before Lightning has started.
-
-    Under DDP every process parses the command line; only the first may judge or change run directories.
-    torchrun sets RANK; Lightning's own launcher sets LOCAL_RANK (and NODE_RANK) for the processes it starts;
-    SLURM's srun starts every task itself and sets SLURM_PROCID. Same order as Lightning's ``rank_zero_only``.
-    """
-    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
-        if key in os.environ:
-            return int(os.environ[key]) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
-    return True
-
-
-class ConfigError(UsageError):
-    """A command line or config file the parser rejects (unknown key, wrong type, missing file)."""
+# Tokens per second and learning rates are averaged over this many batches by ThroughputMonitor.
+THROUGHPUT_WINDOW = 10
 
 
 class OneLineErrors:
@@ -91,28 +64,28 @@ class FunctionArgumentParser(OneLineErrors, ArgumentParser):
 
 
 def _add_config_of_run(args: list[str]) -> list[str]:
-    """``--ckpt_path`` with no ``--config`` resumes with the config of the checkpoint's run.
+    """``--ckpt_path`` with no config file resumes with the config of the checkpoint's run.
 
     ``last``/``best`` name the most recently written run; a file in ``<run>/checkpoints/`` names its run.
     """
-    ckpt_path = _option(args, "--ckpt_path")
-    if ckpt_path is None or _option(args, "--config") is not None:
+    options = command_options(args[1:])
+    if options.ckpt_path is None or options.config:
         return args
-    if ckpt_path not in CHECKPOINT_ALIASES:
-        config = Path(ckpt_path).parent.parent / "config.yaml"
-        in_run = Path(ckpt_path).parent.name == "checkpoints" and config.is_file()
+    if options.ckpt_path not in CHECKPOINT_ALIASES:
+        config = Path(options.ckpt_path).parent.parent / "config.yaml"
+        in_run = Path(options.ckpt_path).parent.name == "checkpoints" and config.is_file()
         return [args[0], "--config", str(config), *args[1:]] if in_run else args
-    root = _option(args, "--trainer.default_root_dir") or os.getcwd()
+    root = options.root_dir or os.getcwd()
     run = latest_run(root)
     if run is None:
         raise UsageError(
-            f"--ckpt_path {ckpt_path}: no run to resume under {Path(root) / 'lightning_logs'}; "
+            f"--ckpt_path {options.ckpt_path}: no run to resume under {Path(root) / 'lightning_logs'}; "
             "start one with `python -m gptlit fit --config configs/tiny.yaml`"
         )
     return [args[0], "--config", str(run / "config.yaml"), *args[1:]]
 
 
-class GPTLitCLI(LightningCLI):
+class GPTLitCLI(KeepConfigOverCheckpoint, LightningCLI):
     """LightningCLI with gptlit's links, checkpoints and run directories."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -123,13 +96,6 @@ class GPTLitCLI(LightningCLI):
         parser.add_lightning_class_args(LastCheckpoint, "checkpoint")
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.link_arguments("model.block_size", "data.block_size")
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI (since 2.5) replaces the model settings with those saved in a --ckpt_path file (not 'last' or
-        # 'best'), loading it before gptlit's checks: `--model.embed_dim 64` would be silently ignored, and a
-        # file that is not a plain checkpoint would end in a traceback. gptlit keeps the config it is given (the
-        # checkpoint's run's own when there is no --config) and checks the checkpoint against it below.
-        pass
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -144,13 +110,13 @@ class GPTLitCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if ckpt_path is not None:
             path = resolve_checkpoint(ckpt_path, self.run_dir)
-            checkpoint = load_checkpoint(path)
+            checkpoint = read_checkpoint(path)
             check_same_shape(checkpoint, dict(config.model), path, data_vocab_size=config.data.vocab_size)
             self.resume_step = checkpoint.get("global_step", 0)
             config.ckpt_path = str(path)
             if config.get("weights_only") is None:
                 config.weights_only = True  # Lightning's own load: tensors and plain types only, no code
-        elif self.subcommand == "fit" and _is_rank_zero() and (self.run_dir / "config.yaml").exists():
+        elif self.subcommand == "fit" and is_rank_zero() and (self.run_dir / "config.yaml").exists():
             if not config.overwrite:
                 raise UsageError(
                     f"run '{config.run_name}' already exists in {self.run_dir}; resume it with --ckpt_path last, "
@@ -158,6 +124,8 @@ class GPTLitCLI(LightningCLI):
                 )
             shutil.rmtree(self.run_dir)
         config.overwrite = False  # never saved into the run's config.yaml: a resume must not wipe the run
+        if self.subcommand == "fit" and is_rank_zero():
+            _check_writable(self.run_dir)
 
     def instantiate_trainer(self, **kwargs):
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -172,22 +140,54 @@ class GPTLitCLI(LightningCLI):
             )
         if not config.trainer.plugins:
             kwargs["plugins"] = [AtomicCheckpointIO()]
-        trainer = super().instantiate_trainer(**kwargs)
-        extra = [best_checkpoint(), GracefulStop()]
-        if config.trainer.enable_progress_bar is not False and not any(
-            isinstance(cb, RichProgressBar) for cb in trainer.callbacks
-        ):
-            extra.append(RichProgressBar())
-        for callback in extra:
-            trainer.callbacks.append(callback)
-        return trainer
+        given = (self.config_init[self.subcommand] if self.subcommand else self.config_init).trainer.callbacks
+        given = [] if given is None else given if isinstance(given, list) else [given]
+        # Before the Trainer is built: with a ModelCheckpoint among them, Lightning adds no checkpoint of its own.
+        kwargs["callbacks"] = [*given, *_default_callbacks(given, config.trainer.enable_progress_bar)]
+        return super().instantiate_trainer(**kwargs)
+
+
+def _sequences(batch) -> int:
+    return batch[0].size(0)  # x: (B, T)
+
+
+def _tokens(batch) -> int:
+    return batch[0].numel()
+
+
+def _default_callbacks(present: list, progress_bar: bool | None) -> list:
+    """The callbacks every run has, unless the config brings its own of the kind."""
+    defaults = [
+        BestCheckpoint(),
+        GracefulStop(),
+        LearningRateMonitor(logging_interval="step"),  # train/lr/<parameter group>
+        # train/device/items_per_sec: tokens per second per process; train/device/mfu on GPUs Lightning knows.
+        ThroughputMonitor(batch_size_fn=_sequences, length_fn=_tokens, window_size=THROUGHPUT_WINDOW),
+    ]
+    if progress_bar is not False:
+        defaults.append(RichProgressBar())
+    return [cb for cb in defaults if not any(isinstance(other, type(cb)) for other in present)]
+
+
+def _check_writable(directory: Path) -> None:
+    """Refuse a run directory that cannot be created, before anything is prepared or trained (and leave no trace)."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    why = "" if existing.is_dir() else "is not a directory"
+    if not why and not os.access(existing, os.W_OK | os.X_OK):
+        why = "is not writable"
+    if why:
+        raise UsageError(
+            f"cannot create the run directory {directory}: {existing} {why}; choose another --trainer.default_root_dir"
+        )
 
 
 def make_cli(args: list[str], run: bool = True) -> GPTLitCLI:
     return GPTLitCLI(
         GPTLitModule,
         TinyStoriesDataModule,
-        args=args,
+        args=migrated_config_args(args),
         run=run,
         parser_class=GPTLitArgumentParser,
         auto_configure_optimizers=False,
@@ -203,7 +203,8 @@ def prepare_main(args: list[str]) -> None:
     cli.datamodule.prepare_data()
 
 
-USER_ERRORS = (UsageError, ValueError, FileNotFoundError, MisconfigurationException, NonFiniteLossError)
+# Errors of the machine, not of gptlit: reported in one line too.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _command(args: list[str]) -> str:
@@ -218,35 +219,45 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise SystemExit(code)
 
 
+def _run(args: list[str]) -> None:
+    if args and args[0] == "prepare":
+        prepare_main(args[1:])
+    elif args and args[0] in FUNCTION_SUBCOMMANDS:
+        auto_cli(FUNCTION_SUBCOMMANDS[args[0]], args=args[1:], as_positional=False, parser_class=FunctionArgumentParser)
+    elif args and args[0] in LIGHTNING_SUBCOMMANDS:
+        make_cli(_add_config_of_run(args))
+    elif args and not args[0].startswith("-"):
+        raise ConfigError(f"unknown command '{args[0]}'; choose one of {', '.join(SUBCOMMANDS)}")
+    else:
+        make_cli(args)
+
+
 def cli_main(args: list[str] | None = None) -> None:
-    """Entry point of ``python -m gptlit`` and the ``gptlit`` script; ``args`` defaults to ``sys.argv[1:]``."""
+    """Entry point of ``python -m gptlit`` and the ``gptlit`` script; ``args`` defaults to ``sys.argv[1:]``.
+
+    gptlit's own errors (`gptlit.errors`), the parser's and Lightning's configuration errors end in one
+    ``gptlit: error:`` line; anything else is a bug and keeps its traceback. ``GPTLIT_DEBUG=1`` shows the
+    traceback of every error.
+    """
     args = list(sys.argv[1:] if args is None else args)
     # gptlit passes the command line on explicitly (it may add the resumed run's config).
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+    debug = bool(os.environ.get("GPTLIT_DEBUG"))
     try:
-        if args and args[0] == "prepare":
-            prepare_main(args[1:])
-        elif args and args[0] in FUNCTION_SUBCOMMANDS:
-            auto_cli(
-                FUNCTION_SUBCOMMANDS[args[0]], args=args[1:], as_positional=False, parser_class=FunctionArgumentParser
-            )
-        elif args and args[0] in LIGHTNING_SUBCOMMANDS:
-            make_cli(_add_config_of_run(args))
-        elif args and not args[0].startswith("-"):
-            raise ConfigError(f"unknown command '{args[0]}'; choose one of {', '.join(SUBCOMMANDS)}")
-        else:
-            make_cli(args)
+        _run(args)
     except SIGTERMException:
         print("gptlit: stopped; resume with `python -m gptlit fit --ckpt_path last`", file=sys.stderr)
         raise SystemExit(130) from None
     except ConfigError as err:
+        if debug:
+            raise
         _fail(f"{err}; see `{_command(args)} --help` for the options", code=2)
-    except USER_ERRORS as err:
-        if os.environ.get("GPTLIT_DEBUG"):
+    except (GptlitError, MisconfigurationException) as err:
+        if debug:
             raise
         _fail(str(err))
-    except OSError as err:  # a full disk, a read-only or missing directory: the environment, not gptlit
-        if os.environ.get("GPTLIT_DEBUG"):
+    except OSError as err:  # a full disk, a read-only directory: the machine, not gptlit
+        if debug or err.errno not in ENVIRONMENT_ERRNOS:
             raise
         where = f": {err.filename}" if err.filename else ""
-        _fail(f"{err.strerror or err}{where}; check that the path exists, is writable and has free space")
+        _fail(f"{err.strerror or err}{where}; check that the path is writable and has free space")

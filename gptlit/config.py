@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from gptlit.errors import ConfigError
+
 NormType = Literal["layernorm", "rmsnorm"]
 
 
@@ -40,20 +42,20 @@ class GPTConfig:
         for name in ("vocab_size", "block_size", "embed_dim", "n_heads", "n_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.embed_dim % self.n_heads:
-            raise ValueError(f"GPTConfig.embed_dim ({self.embed_dim}) must be divisible by n_heads ({self.n_heads})")
+            raise ConfigError(f"GPTConfig.embed_dim ({self.embed_dim}) must be divisible by n_heads ({self.n_heads})")
         if self.use_rope and self.head_size % 2:
-            raise ValueError(
+            raise ConfigError(
                 f"GPTConfig: RoPE needs an even head size, got embed_dim/n_heads = {self.head_size}; "
                 "change embed_dim or n_heads, or set use_rope=False"
             )
         if self.norm_type not in ("layernorm", "rmsnorm"):
-            raise ValueError(f"GPTConfig.norm_type must be 'layernorm' or 'rmsnorm', got {self.norm_type!r}")
+            raise ConfigError(f"GPTConfig.norm_type must be 'layernorm' or 'rmsnorm', got {self.norm_type!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.rope_base <= 0:
-            raise ValueError(f"GPTConfig.rope_base must be positive, got {self.rope_base}")
+            raise ConfigError(f"GPTConfig.rope_base must be positive, got {self.rope_base}")
 
     @property
     def head_size(self) -> int:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from gptlit.errors import DataError
 from gptlit.prepare import (
     TOKENIZER_FILE,
     check_bin,
@@ -25,7 +26,6 @@ from gptlit.prepare import (
     redo_hint,
     token_dtype,
 )
-from gptlit.sources import DataError
 from gptlit.tokenizer import Tokenizer
 
 __all__ = ["DataError", "ResumableDataLoader", "TinyStoriesDataModule", "TokenWindows", "WindowSampler", "token_dtype"]

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gptlit.errors import UsageError
+
 if TYPE_CHECKING:
     from gptlit.model import GPT
 
@@ -36,14 +38,14 @@ class NgramTable:
         self, tokens: np.ndarray, vocab_size: int, max_ngram: int = 3, min_ngram: int = 2, min_count: int = 2
     ) -> None:
         if not 1 <= min_ngram <= max_ngram:
-            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram}, max_ngram={max_ngram}")
+            raise UsageError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram}, max_ngram={max_ngram}")
         if vocab_size ** (max_ngram + 1) >= 2**63:
-            raise ValueError(f"an n-gram of {max_ngram} + 1 ids of a {vocab_size}-token vocabulary overflows int64 "
+            raise UsageError(f"an n-gram of {max_ngram} + 1 ids of a {vocab_size}-token vocabulary overflows int64 "
                              "keys: use a smaller max_ngram")  # fmt: skip
         self.vocab_size, self.sizes = vocab_size, range(max_ngram, min_ngram - 1, -1)
         ids = np.asarray(tokens, dtype=np.int64)
         if len(ids) and not 0 <= ids.min() <= ids.max() < vocab_size:
-            raise ValueError(f"token ids must be in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
+            raise UsageError(f"token ids must be in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
         # n -> {n-gram as one int (base vocab_size): the token that most often followed it}
         self.next: dict[int, dict[int, int]] = {}
         for n in self.sizes:
@@ -107,7 +109,7 @@ class NgramTable:
         from gptlit.prepare import offsets_path
 
         if min(stories, prompt_tokens, batch_size) < 1:
-            raise ValueError(
+            raise UsageError(
                 f"stories, prompt_tokens and batch_size must be >= 1, got {stories}, {prompt_tokens} and {batch_size}"
             )
         train, _ = _training_tokens(data_dir, tokenizer_sha256)
@@ -198,8 +200,8 @@ class NgramDraft:
 
 def _training_tokens(data_dir: str | Path, tokenizer_sha256: str | None) -> tuple[np.ndarray, int]:
     """The tokens of a prepared directory's ``train.bin`` (memory-mapped) and its vocabulary size."""
+    from gptlit.errors import DataError
     from gptlit.prepare import check_bin, read_meta
-    from gptlit.sources import DataError
 
     meta = read_meta(data_dir)
     if tokenizer_sha256 is not None and meta["settings"].get("tokenizer_sha256") != tokenizer_sha256:

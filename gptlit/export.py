@@ -12,9 +12,12 @@ import tempfile
 from pathlib import Path
 
 from safetensors.torch import save_file
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import processors
 
+from gptlit.errors import UsageError
 from gptlit.hf_mapping import neox_config_dict, to_neox_state_dict
-from gptlit.runs import UsageError, find_checkpoint, load_model
+from gptlit.runs import find_checkpoint, load_model
 from gptlit.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN
 
 
@@ -27,12 +30,17 @@ def write_hf_dir(model, tokenizer, out_dir: Path) -> None:
     (out_dir / "generation_config.json").write_text(json.dumps(ids, indent=2))
     weights = to_neox_state_dict(model.state_dict(), config)
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save(out_dir / "tokenizer.json")
+    bos_first = HFTokenizer.from_str(tokenizer.to_str())
+    # gptlit reads a prompt as <bos> + text, as the model was trained: so does the exported tokenizer.
+    bos_first.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B", special_tokens=[(BOS_TOKEN, tokenizer.bos_id)]
+    )
+    bos_first.save(str(out_dir / "tokenizer.json"))
     specials = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": config.block_size,
-        "add_bos_token": False,
+        "add_bos_token": True,  # for tokenizer classes that read it; tokenizer.json's post-processor does it
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         **specials,

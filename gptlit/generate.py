@@ -10,6 +10,7 @@ from functools import cache, partial
 import torch
 
 from gptlit.draft import NgramDraft, NgramTable
+from gptlit.errors import UsageError
 from gptlit.model import GPT
 
 Prompts = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
@@ -58,20 +59,20 @@ def _as_rows(prompt_ids: Prompts) -> list[list[int]]:
 
 def _check_args(rows, vocab_size, max_new_tokens, temperature, top_k, top_p, draft_tokens) -> None:
     if not rows or any(len(row) == 0 for row in rows):
-        raise ValueError("prompt_ids must hold at least one token per prompt (start from the <bos> id)")
+        raise UsageError("prompt_ids must hold at least one token per prompt (start from the <bos> id)")
     bad = [t for row in rows for t in row if not 0 <= t < vocab_size]
     if bad:
-        raise ValueError(f"prompt_ids holds token id {bad[0]}, outside the model's vocabulary [0, {vocab_size})")
+        raise UsageError(f"prompt_ids holds token id {bad[0]}, outside the model's vocabulary [0, {vocab_size})")
     if not isinstance(draft_tokens, int) or draft_tokens < 0:
-        raise ValueError(f"draft_tokens must be an int >= 0 (0 feeds one token per pass), got {draft_tokens!r}")
+        raise UsageError(f"draft_tokens must be an int >= 0 (0 feeds one token per pass), got {draft_tokens!r}")
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+        raise UsageError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        raise UsageError(f"top_k must be >= 1 or None, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+        raise UsageError(f"top_p must be in (0, 1] or None, got {top_p}")
 
 
 def _feed(forward, fed: list[list[int]], pos: int, device) -> tuple[torch.Tensor, list[int]]:
@@ -154,7 +155,7 @@ def generate_stream(
     config = model.config
     _check_args(rows, config.vocab_size, max_new_tokens, temperature, top_k, top_p, draft_tokens)
     if draft_table is not None and draft_table.vocab_size > config.vocab_size:
-        raise ValueError(
+        raise UsageError(
             f"draft_table is of a {draft_table.vocab_size}-token vocabulary, larger than the model's "
             f"{config.vocab_size}: build it from the data the model was trained on"
         )

@@ -11,16 +11,17 @@ from __future__ import annotations
 import torch
 
 from gptlit.config import GPTConfig
+from gptlit.errors import UsageError
 
 
 def check_neox_compatible(config: GPTConfig) -> None:
-    """Raise ValueError naming the option when a config has no faithful GPT-NeoX equivalent."""
+    """Raise UsageError (a ValueError) naming the option when a config has no faithful GPT-NeoX equivalent."""
     if not config.use_rope:
-        raise ValueError("use_rope=False (learned positions) has no GPT-NeoX equivalent; cannot convert")
+        raise UsageError("use_rope=False (learned positions) has no GPT-NeoX equivalent; cannot convert")
     if config.norm_type != "layernorm":
-        raise ValueError(f"norm_type={config.norm_type!r} has no GPT-NeoX equivalent (needs 'layernorm')")
+        raise UsageError(f"norm_type={config.norm_type!r} has no GPT-NeoX equivalent (needs 'layernorm')")
     if not config.bias:
-        raise ValueError("bias=False has no GPT-NeoX equivalent (its LayerNorms always have a bias)")
+        raise UsageError("bias=False has no GPT-NeoX equivalent (its LayerNorms always have a bias)")
 
 
 def neox_config_dict(config: GPTConfig, bos_id: int = 1, eos_id: int = 2, pad_id: int = 0) -> dict:

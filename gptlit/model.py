@@ -7,13 +7,17 @@ in `gptlit/rope.py`. Nothing here imports Lightning: the model can be used, test
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptlit.checkpoint import model_state_dict, read_checkpoint
 from gptlit.config import GPTConfig
+from gptlit.errors import UsageError
 from gptlit.loss import chunked_cross_entropy
 from gptlit.rope import build_rope_cache, split_heads
 
@@ -155,6 +159,18 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @classmethod
+    def load_from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> GPT:
+        """The GPT a gptlit checkpoint (``.ckpt``) holds, in eval mode on ``map_location``.
+
+        Read weights-only: a checkpoint whose pickle would run code is refused, never executed. Its
+        tokenizer: ``gptlit.Tokenizer.from_checkpoint(path)``.
+        """
+        checkpoint = read_checkpoint(path)
+        model = cls(GPTConfig(**checkpoint["gptlit"]["config"]))
+        model.load_state_dict(model_state_dict(checkpoint))
+        return model.to(map_location).eval()
+
     # Forward ---------------------------------------------------------------------------------------
 
     def forward(
@@ -173,7 +189,8 @@ class GPT(nn.Module):
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy of idx (B, T) against targets (B, T), without building the logits."""
         h = self.hidden_states(idx)  # (B, T, C)
-        return chunked_cross_entropy(h.view(-1, h.size(-1)), self.lm_head.weight, targets.view(-1))
+        # reshape, not view: targets may be a strided slice of one buffer, as in buf[:, 1:]
+        return chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
 
     def hidden_states(
         self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, cache_len: int | None = None
@@ -182,7 +199,7 @@ class GPT(nn.Module):
         T = idx.size(1)
         if input_pos is None:
             if T > self.config.block_size:
-                raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+                raise UsageError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
             pos = torch.arange(T, device=idx.device)
             mask = None
         else:
@@ -213,7 +230,7 @@ class GPT(nn.Module):
         """Preallocate a KV cache for ``batch_size`` sequences of ``max_seq_len`` (default block_size)."""
         max_seq_len = max_seq_len or self.config.block_size
         if max_seq_len > self.config.block_size:
-            raise ValueError(
+            raise UsageError(
                 f"max_seq_len {max_seq_len} exceeds block_size {self.config.block_size}: positions past "
                 "block_size were never trained"
             )
@@ -264,24 +281,35 @@ class GPT(nn.Module):
     @torch.inference_mode()
     def generate(
         self,
-        token_ids: torch.Tensor,
+        token_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
         max_new_tokens: int,
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        eos_id: int | None = None,
         seed: int | None = None,
         draft_table: NgramTable | None = None,
         compile: bool = False,
-    ) -> torch.Tensor:
-        """Continue token_ids (B, T) by max_new_tokens; returns (B, T + max_new_tokens), prompt included.
+    ) -> torch.Tensor | list:
+        """The prompt followed by its continuation of up to max_new_tokens tokens, in the prompt's own form.
 
-        The options are those of `gptlit.generate.generate`.
+        A list of ids gives a list of ids (a list of lists, one per prompt, for several prompts); a tensor
+        (B, T) or (T,) gives a tensor (B, T + max_new_tokens), rows that reached ``eos_id`` early padded
+        with it. The options are those of `gptlit.generate.generate`.
         """
         from gptlit.generate import generate
 
+        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed)
+        if not isinstance(token_ids, torch.Tensor):
+            nested = len(token_ids) > 0 and not isinstance(token_ids[0], int)
+            rows = [list(row) for row in token_ids] if nested else [list(token_ids)]
+            new = generate(self, rows, max_new_tokens, draft_table=draft_table, compile=compile, **options)
+            out = [row + continuation for row, continuation in zip(rows, new, strict=True)]
+            return out if nested else out[0]
         if token_ids.dim() == 1:
             token_ids = token_ids.unsqueeze(0)
-        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, draft_table=draft_table)
-        new = generate(self, token_ids, max_new_tokens, compile=compile, **options)
-        new_ids = torch.tensor(new, dtype=token_ids.dtype, device=token_ids.device)  # (B, max_new_tokens)
+        new = generate(self, token_ids, max_new_tokens, draft_table=draft_table, compile=compile, **options)
+        width = max(map(len, new))
+        padded = [row + [eos_id] * (width - len(row)) for row in new]  # only rows that stopped at eos are short
+        new_ids = torch.tensor(padded, dtype=token_ids.dtype, device=token_ids.device)  # (B, new)
         return torch.cat((token_ids, new_ids.view(token_ids.size(0), -1)), dim=1)

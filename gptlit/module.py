@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 
+from gptlit.checkpoint import CHECKPOINT_FORMAT
 from gptlit.config import GPTConfig, NormType
-from gptlit.generate import generate
+from gptlit.errors import ConfigError, NonFiniteLossError, UsageError
 from gptlit.model import GPT
 from gptlit.tokenizer import Tokenizer
-
-CHECKPOINT_FORMAT = 1
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -51,7 +46,10 @@ def build_optimizer(
             is_matrix = isinstance(module, torch.nn.Linear) and name == "weight"
             (decay if is_matrix else no_decay).append(param)
     no_decay.append(model.wte.weight)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
     fused = fused and all(p.device.type in ("cpu", "cuda") for p in model.parameters())
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
 
@@ -75,7 +73,6 @@ class GPTLitModule(L.LightningModule):
         weight_decay: AdamW weight decay, applied to the weight matrices of linear layers only.
         betas: AdamW betas.
         warmup: Warmup length: a float below 1 is a fraction of all optimizer steps, an int a step count.
-        peak_flops: The device's peak FLOP/s; when given, ``train/mfu`` is logged.
         compile: Compile the model and its loss with ``torch.compile`` (about a minute at the start on a CPU,
             then 5-15% faster steps there; more on a GPU). Needs a C++ compiler on a CPU.
     """
@@ -97,16 +94,15 @@ class GPTLitModule(L.LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         warmup: int | float = 0.1,
-        peak_flops: float | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(warmup, float) and not 0.0 <= warmup < 1.0:
-            raise ValueError(f"warmup as a fraction must be in [0, 1), got {warmup}; give an int for a step count")
+            raise ConfigError(f"warmup as a fraction must be in [0, 1), got {warmup}; give an int for a step count")
         if isinstance(warmup, int) and warmup < 0:
-            raise ValueError(f"warmup must be >= 0 steps, got {warmup}")
+            raise ConfigError(f"warmup must be >= 0 steps, got {warmup}")
         if not 0 <= min_lr <= learning_rate:
-            raise ValueError(f"min_lr ({min_lr}) must be between 0 and learning_rate ({learning_rate})")
+            raise ConfigError(f"min_lr ({min_lr}) must be between 0 and learning_rate ({learning_rate})")
         self.save_hyperparameters()
         self.config = GPTConfig(
             vocab_size=vocab_size,
@@ -126,7 +122,7 @@ class GPTLitModule(L.LightningModule):
         self.tokenizer: Tokenizer | None = None  # from the data module, or from a checkpoint
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
-        self._last_batch_end: float | None = None
+        self.flops_per_batch = 0  # of the latest training batch, over all processes: for ThroughputMonitor
         self._seed = torch.initial_seed()  # set again when fitting starts
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -140,7 +136,7 @@ class GPTLitModule(L.LightningModule):
         if tokenizer is None:
             return
         if tokenizer.vocab_size > self.config.vocab_size:
-            raise ValueError(
+            raise UsageError(
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {self.config.vocab_size}; "
                 "set data.vocab_size to at least the tokenizer's size, or use the tokenizer the model was "
                 "trained with"
@@ -174,7 +170,8 @@ class GPTLitModule(L.LightningModule):
                 "use trainer.precision 32-true, then resume with --ckpt_path last (the last good checkpoint)"
             )
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])  # the rate this step uses
+        x = batch[0]  # (B, T)
+        self.flops_per_batch = self.model.flops_per_token(x.size(1)) * x.numel() * self.trainer.world_size
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -200,26 +197,6 @@ class GPTLitModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_eval_metrics("test", self.test_loss)
 
-    # Throughput -----------------------------------------------------------------------------------------
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # Wall time from one batch's end to the next: the step, data loading and logging, as a user sees it.
-        now = time.perf_counter()
-        if self._last_batch_end is not None:
-            tokens = batch[0].numel() * self.trainer.world_size
-            tokens_per_sec = tokens / (now - self._last_batch_end)
-            self.log("train/tokens_per_sec", tokens_per_sec, prog_bar=True)
-            if self.hparams.peak_flops:
-                flops = self.model.flops_per_token(batch[0].size(1)) * tokens_per_sec
-                self.log("train/mfu", flops / (self.hparams.peak_flops * self.trainer.world_size))
-        self._last_batch_end = now
-
-    def on_train_epoch_start(self) -> None:
-        self._last_batch_end = None  # validation and epoch turnover are not training time
-
-    def on_validation_start(self) -> None:
-        self._last_batch_end = None
-
     # Optimizer and schedule --------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -228,18 +205,27 @@ class GPTLitModule(L.LightningModule):
         fused = self.trainer.precision != "16-mixed"
         optimizer = build_optimizer(self.model, hp.learning_rate, hp.weight_decay, tuple(hp.betas), fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # "name": LearningRateMonitor logs each parameter group's rate as train/lr/<group>.
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
+        }
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, a guard meant for fp16 loss
-        # scaling. bf16 and fp32 have no scaler, so the gradients are true gradients: clip them directly.
-        if gradient_clip_val and self.trainer.precision != "16-mixed":
-            if gradient_clip_algorithm == "value":
-                torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
-            else:
-                torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+        if not gradient_clip_val:
             return
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if self.trainer.precision == "16-mixed":  # fp16's loss scaler unscales first: Lightning's own path
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        # Lightning's mixed-precision plugin refuses to clip for a fused optimizer (a guard meant for fp16 loss
+        # scaling) and its FSDP plugin refuses to clip by norm; bf16 and fp32 gradients are true gradients.
+        if gradient_clip_algorithm == "value":  # elementwise: each process clips its own (shard of the) grads
+            torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+        elif isinstance(self.trainer.strategy, FSDPStrategy):
+            # Each process holds a shard of the gradients: the root FSDP module clips by their global norm.
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
 
     def _total_steps(self) -> int | None:
         """Optimizer steps in the whole run, or None while the trainer cannot know them yet."""
@@ -262,7 +248,7 @@ class GPTLitModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         if self._total_steps() is None:
-            raise ValueError("set trainer.max_steps (or trainer.max_epochs with a finite dataset) to schedule the lr")
+            raise UsageError("set trainer.max_steps (or trainer.max_epochs with a finite dataset) to schedule the lr")
         # The run's length is known now (also after a resume): set the current lr from it.
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
@@ -285,7 +271,7 @@ class GPTLitModule(L.LightningModule):
         for name, value in (saved.get("config") or {}).items():
             mine = getattr(self.config, name, value)
             if mine != value:
-                raise ValueError(
+                raise UsageError(
                     f"the checkpoint holds a model with {name}={value}, this model has {name}={mine}; "
                     "resume with the run's own config (python -m gptlit fit --ckpt_path last)"
                 )
@@ -298,28 +284,7 @@ class GPTLitModule(L.LightningModule):
             trainer = getattr(self, "_trainer", None)
             data = getattr(getattr(trainer, "datamodule", None), "tokenizer_file", "the data module's tokenizer")
             checkpoint_path = getattr(trainer, "ckpt_path", None) or "the checkpoint"
-            raise ValueError(
+            raise UsageError(
                 f"{checkpoint_path} was trained with another tokenizer than {data}; resume with the data.data_dir "
                 "(or data.tokenizer_path) the run was trained with, or start a new run"
             )
-
-    # Convenience ------------------------------------------------------------------------------------------
-
-    def generate_text(
-        self,
-        prompt: str,
-        max_new_tokens: int = 200,
-        temperature: float = 0.8,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-    ) -> str:
-        """Continue ``prompt`` with the KV cache and return the new text (up to ``<eos>``)."""
-        if self.tokenizer is None:
-            raise RuntimeError("no tokenizer: load the module from a gptlit checkpoint or attach a data module")
-        tok = self.tokenizer
-        prompt_ids = tok.encode(prompt, bos=True)
-        (new_ids,) = generate(
-            self.model, prompt_ids, max_new_tokens, temperature, top_k, top_p, eos_id=tok.eos_id, seed=seed
-        )
-        return tok.decode(new_ids)

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from gptlit.sources import DataError, StorySource, open_source
+from gptlit.errors import DataError
+from gptlit.sources import StorySource, open_source
 from gptlit.tokenizer import Tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1
@@ -107,31 +108,10 @@ def check_files(data_dir: str | Path, meta: dict[str, Any]) -> None:
 
 
 def _progress(description: str) -> Any:
-    """A counter bar for a stream of unknown length: tqdm when installed, else rich (a dependency)."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _RichCounter(description)
-    # disable=None: silent when stderr is not a terminal (CI logs, tests).
+    """A counter bar for a stream of unknown length; silent when stderr is not a terminal (CI logs, tests)."""
+    from tqdm.auto import tqdm  # a dependency of datasets
+
     return tqdm(desc=description, unit=" stories", disable=None, file=sys.stderr)
-
-
-class _RichCounter:
-    def __init__(self, description: str) -> None:
-        from rich.progress import Progress
-
-        self.progress = Progress(transient=True)
-        self.task = self.progress.add_task(description, total=None)
-
-    def __enter__(self) -> _RichCounter:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
-
-    def update(self, n: int) -> None:
-        self.progress.advance(self.task, n)
 
 
 class _SplitWriter:

@@ -1,4 +1,4 @@
-"""Run directories and checkpoints: where a run lives, which run to resume, and safe checkpoint loading.
+"""Run directories: where a run lives, which run to resume, and the model and tokenizer of its checkpoints.
 
 A run lives in ``<root>/lightning_logs/<run_name>/`` with ``config.yaml``, ``hparams.yaml``, the
 TensorBoard event files and ``checkpoints/{last,best}.ckpt``.
@@ -6,18 +6,21 @@ TensorBoard event files and ``checkpoints/{last,best}.ckpt``.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gptlit.checkpoint import read_checkpoint
+from gptlit.errors import UsageError
+from gptlit.model import GPT
+from gptlit.tokenizer import Tokenizer
+
 LOGS_DIR = "lightning_logs"
 CHECKPOINT_ALIASES = ("last", "best")
 
-
-class UsageError(Exception):
-    """A mistake in how gptlit was called: reported as one line, with what to do about it."""
+# Read before gptlit 0.2 from this module; gptlit.checkpoint reads checkpoints now.
+load_checkpoint = read_checkpoint
 
 
 def run_dir(root: str | Path, run_name: str) -> Path:
@@ -55,24 +58,6 @@ def resolve_checkpoint(ckpt_path: str, run: Path | None) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a gptlit checkpoint weights-only: a pickle that would run code is refused, never executed."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")  # what it would run
-        raise UsageError(
-            f"refusing to load {path}: it holds pickled objects that are not plain tensors and could run code "
-            f"({reason}); only load checkpoints written by gptlit"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise UsageError(f"{path} is not a readable checkpoint ({err}); it may be truncated") from None
-    if not isinstance(checkpoint, dict) or "gptlit" not in checkpoint:
-        raise UsageError(f"{path} is not a gptlit checkpoint (it has no 'gptlit' entry); train one with gptlit fit")
-    return checkpoint
-
-
 def check_same_shape(
     checkpoint: dict[str, Any], config: dict[str, Any], path: str | Path, data_vocab_size: int | None = None
 ) -> None:
@@ -92,21 +77,9 @@ def check_same_shape(
             )
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
     """The GPT (eval mode, on ``device``) and Tokenizer that a gptlit checkpoint carries, loaded weights-only."""
-    from gptlit.config import GPTConfig
-    from gptlit.model import GPT
-    from gptlit.tokenizer import Tokenizer
-
-    checkpoint = load_checkpoint(path)
-    saved = checkpoint["gptlit"]
-    if not saved.get("tokenizer"):
-        raise UsageError(f"{path} carries no tokenizer; it was saved without a data module")
-    model = GPT(GPTConfig(**saved["config"]))
-    prefix = "model."
-    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state)
-    return model.to(device).eval(), Tokenizer.from_str(saved["tokenizer"])
+    return GPT.load_from_checkpoint(path, device), Tokenizer.from_checkpoint(path)
 
 
 def find_checkpoint(ckpt_path: str, root: str | Path = ".", run_name: str | None = None) -> Path:

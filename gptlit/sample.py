@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 
 import torch
+from tokenizers.decoders import DecodeStream
 
 from gptlit.draft import NgramTable
+from gptlit.errors import UsageError
 from gptlit.generate import generate
 from gptlit.model import GPT
 from gptlit.runs import find_checkpoint, load_model
@@ -15,21 +18,26 @@ from gptlit.tokenizer import Tokenizer
 
 
 class TextStream:
-    """Prints the text of growing token ids, holding back a character whose UTF-8 bytes are still incomplete."""
+    """Prints a story's text as its tokens arrive, decoding each token once (``tokenizers``' ``DecodeStream``).
+
+    A character whose UTF-8 bytes span several tokens is printed once its last token has come.
+    """
 
     def __init__(self, tokenizer: Tokenizer, out=None) -> None:
         self.tokenizer, self.out = tokenizer, out or sys.stdout
-        self.ids: list[int] = []
-        self.printed = 0
+        self.decoder = DecodeStream(skip_special_tokens=True)
+        self.printed = 0  # characters written so far
 
     def __call__(self, row: int, token: int) -> None:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
-            return
-        self.out.write(text[self.printed :])
-        self.out.flush()
-        self.printed = len(text)
+        chunk = self.decoder.step(self.tokenizer.hf, token)
+        if chunk:
+            self.out.write(chunk)
+            self.out.flush()
+            self.printed += len(chunk)
+
+    def finish(self, ids: list[int]) -> None:
+        """Write what the stream still holds back (an incomplete character at the very end), and a newline."""
+        self.out.write(self.tokenizer.decode(ids)[self.printed :] + "\n")
 
 
 def write_story(
@@ -63,7 +71,7 @@ def write_story(
         on_token=stream,
         **options,
     )
-    out.write(tokenizer.decode(new_ids)[stream.printed :] + "\n")
+    stream.finish(new_ids)
     return len(new_ids)
 
 
@@ -104,37 +112,53 @@ def sample(
         compile: Compile the forward passes with ``torch.compile``: 15-20 s before the first story, faster after.
     """
     if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        raise UsageError(f"num_samples must be >= 1, got {num_samples}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     path = find_checkpoint(ckpt_path, root_dir, run_name)
     model, tokenizer = load_model(path, device)
-    options = {"compile": compile}
-    if draft_data is not None and temperature > 0:
-        print("[--draft_data speeds up greedy decoding (--temperature 0) only: ignored]", file=sys.stderr)
-    elif draft_data is not None:
-        options["draft_table"] = NgramTable.from_data_dir(draft_data, tokenizer_sha256=tokenizer.sha256)
+    options = _decoding_options(tokenizer, temperature, draft_data, compile)
     if compile:  # compile before the first story, so that its speed is the decoding's
         start = time.perf_counter()
         generate(model, tokenizer.encode("Once upon a time", bos=True), 2, temperature=0, draft_tokens=0, compile=True)
         print(f"[compiled in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, **options)
 
-    def write(text: str, count: int) -> None:
-        start, tokens = time.perf_counter(), 0
-        for i in range(count):
-            if count > 1:
-                print(f"--- sample {i + 1} ---")
-            story_seed = None if seed is None else seed + i
-            tokens += write_story(
-                model, tokenizer, text, max_new_tokens, temperature, top_k, top_p, story_seed, **options
-            )
-        elapsed = time.perf_counter() - start
-        print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s on {device}]", file=sys.stderr)
+    def write(text: str) -> None:
+        write_stories(model, tokenizer, text, num_samples, seed, device, **settings)
 
-    if not interactive:
-        write(prompt, num_samples)
-        return
-    print(f"{path}: type a story's beginning; 'quit' or Ctrl-D ends.", file=sys.stderr)
+    if interactive:
+        print(f"{path}: type a story's beginning; 'quit' or Ctrl-D ends.", file=sys.stderr)
+        read_prompts(write)
+    else:
+        write(prompt)
+
+
+def _decoding_options(tokenizer: Tokenizer, temperature: float, draft_data: str | None, compile: bool) -> dict:
+    options: dict = {"compile": compile}
+    if draft_data is not None and temperature > 0:
+        print("[--draft_data speeds up greedy decoding (--temperature 0) only: ignored]", file=sys.stderr)
+    elif draft_data is not None:
+        options["draft_table"] = NgramTable.from_data_dir(draft_data, tokenizer_sha256=tokenizer.sha256)
+    return options
+
+
+def write_stories(
+    model: GPT, tokenizer: Tokenizer, prompt: str, count: int, seed: int | None, device: str, **settings
+) -> None:
+    """Stream ``count`` continuations of ``prompt`` to stdout (story i with seed + i), then the speed to stderr."""
+    start, tokens = time.perf_counter(), 0
+    for i in range(count):
+        if count > 1:
+            print(f"--- sample {i + 1} ---")
+        tokens += write_story(model, tokenizer, prompt, seed=None if seed is None else seed + i, **settings)
+    elapsed = time.perf_counter() - start
+    print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s on {device}]", file=sys.stderr)
+
+
+def read_prompts(write: Callable[[str], None]) -> None:
+    """Call ``write`` with each line typed, until ``quit``, end of input or Ctrl-C; Ctrl-C while writing stops
+    only that story."""
     while True:
         try:
             text = input("> ")
@@ -144,6 +168,6 @@ def sample(
         if text.strip() == "quit":
             return
         try:
-            write(text, num_samples)
+            write(text)
         except KeyboardInterrupt:
             print("\n[stopped]", file=sys.stderr)

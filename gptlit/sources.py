@@ -22,17 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from urllib.request import getproxies_environment, proxy_bypass_environment
 
 import numpy as np
+
+from gptlit.errors import DataError
 
 TXT_SEPARATOR = "<|endoftext|>"
 BUILDERS = {".txt": None, ".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # suffix -> datasets builder
 HUB_TIMEOUT_S = 1.5
 _TRUE = {"1", "ON", "YES", "TRUE"}
-
-
-class DataError(ValueError):
-    """A problem with the data or its files, told in one line that names the file and what to do."""
 
 
 Reader = Callable[[], Iterable[Any]]  # each call starts a fresh pass over raw texts
@@ -264,7 +263,9 @@ def check_hub_reachable(source: str, timeout: float = HUB_TIMEOUT_S) -> None:
     """
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     url = urlsplit(endpoint)
-    proxy = os.environ.get(f"{url.scheme}_proxy") or os.environ.get(f"{url.scheme.upper()}_PROXY")
+    # The proxy requests would take: https_proxy (or HTTPS_PROXY), unless no_proxy exempts the host.
+    proxies = getproxies_environment()
+    proxy = None if proxy_bypass_environment(url.hostname or "", proxies) else proxies.get(url.scheme)
     target = urlsplit(proxy) if proxy else url
     port = target.port or (443 if target.scheme == "https" else 80)
     errors: list[BaseException] = []

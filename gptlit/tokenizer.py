@@ -9,6 +9,9 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from gptlit.checkpoint import read_checkpoint, tokenizer_json
+from gptlit.errors import DataError, MissingFileError
+
 # Fixed ids: the first three entries of every gptlit vocabulary.
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]
@@ -30,7 +33,7 @@ class Tokenizer:
         for token, expected in zip(SPECIAL_TOKENS, (PAD_ID, BOS_ID, EOS_ID), strict=True):
             actual = hf_tokenizer.token_to_id(token)
             if actual != expected:
-                raise ValueError(
+                raise DataError(
                     f"tokenizer has {token} at id {actual}, gptlit needs it at {expected}; "
                     "train a new tokenizer with gptlit.tokenizer.train_tokenizer"
                 )
@@ -44,13 +47,17 @@ class Tokenizer:
     def from_file(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
+            raise MissingFileError(f"tokenizer file not found: {path}")
         try:
-            return cls(HFTokenizer.from_file(str(path)))
+            hf_tokenizer = HFTokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
-            if isinstance(err, ValueError) and "gptlit" in str(err):
-                raise
-            raise ValueError(f"{path} is not a valid tokenizer.json ({err}); delete it to train a new one") from err
+            raise DataError(f"{path} is not a valid tokenizer.json ({err}); delete it to train a new one") from err
+        return cls(hf_tokenizer)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> Tokenizer:
+        """The tokenizer a gptlit checkpoint (``.ckpt``) carries, read weights-only."""
+        return cls.from_str(tokenizer_json(read_checkpoint(path), path))
 
     @classmethod
     def from_str(cls, serialized: str) -> Tokenizer:
@@ -110,7 +117,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000) -> Tokenizer:
     """
     minimum = len(SPECIAL_TOKENS) + 256
     if vocab_size < minimum:
-        raise ValueError(f"vocab_size must be at least {minimum} (3 special tokens + 256 bytes), got {vocab_size}")
+        raise DataError(f"vocab_size must be at least {minimum} (3 special tokens + 256 bytes), got {vocab_size}")
     hf = HFTokenizer(models.BPE())
     # add_prefix_space=False keeps decode(encode(s)) == s exactly.
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

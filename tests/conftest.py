@@ -5,6 +5,7 @@ import os
 import random
 import shutil
 import tempfile
+from pathlib import Path
 
 # Before anything imports `datasets` or `huggingface_hub`: both read these once, at import time.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -37,3 +38,29 @@ def make_stories(n: int, seed: int = 0) -> list[str]:
 @pytest.fixture
 def stories() -> list[str]:
     return make_stories(300)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory with a corpus (stories.txt), where runs land in ./lightning_logs."""
+    from helpers import write_corpus
+
+    write_corpus(tmp_path / "stories.txt")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding one short training run of a tiny model ("run", 40 steps), trained once per session."""
+    from helpers import run_cli, write_config, write_corpus
+
+    root = tmp_path_factory.mktemp("trained")
+    write_corpus(root / "stories.txt")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        run_cli("fit", "--config", str(write_config(root, max_steps=40)))
+    finally:
+        os.chdir(cwd)
+    return root

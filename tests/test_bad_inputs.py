@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 from conftest import make_stories
-from test_train import write_config
+from helpers import write_config
 
 from gptlit.cli import cli_main
 from gptlit.tokenizer import train_tokenizer
@@ -233,7 +233,7 @@ CASES = [
     Case(
         "run directory not writable",
         "fit --config run.yaml --run_name elsewhere --trainer.default_root_dir blocker/runs",
-        "Not a directory",
+        "cannot create the run directory blocker/runs/lightning_logs/elsewhere: blocker is not a directory",
         setup=write_blocking_file,
     ),
     # Not errors: these must work.

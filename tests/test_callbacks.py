@@ -8,9 +8,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import MODEL, params, run_cli, write_config
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_train import MODEL, params, run_cli, workdir, write_config
 
 from gptlit.callbacks import TextSamples, sample_markdown
 from gptlit.generate import generate

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli, write_config
 from lightning.pytorch.strategies import FSDPStrategy
-from test_train import run_cli, workdir, write_config
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-from gptlit.cli import GPTLitCLI, _is_rank_zero, make_cli
+from gptlit.cli import GPTLitCLI, make_cli
 from gptlit.model import Block
 from gptlit.module import GPTLitModule
+from gptlit.run_config import is_rank_zero
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -61,7 +62,7 @@ def test_only_the_first_process_judges_run_directories(monkeypatch, environment:
         monkeypatch.delenv(name, raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    assert _is_rank_zero() is first
+    assert is_rank_zero() is first
 
 
 def _error_line(capsys: pytest.CaptureFixture) -> str:

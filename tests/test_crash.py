@@ -21,8 +21,8 @@ import pytest
 import torch
 import yaml
 from conftest import make_stories
+from helpers import scalars, write_config
 from preloaded import Preloaded
-from test_train import scalars, write_config
 
 from gptlit.data import DataError, TinyStoriesDataModule
 from gptlit.prepare import prepare_dataset

@@ -150,7 +150,8 @@ def test_offline_hub_fails_fast_with_a_pointer_to_local_files(tmp_path: Path) ->
 @pytest.fixture
 def online(monkeypatch: pytest.MonkeyPatch) -> None:
     """HF_HUB_OFFLINE unset, no proxy, and datasets must not be asked: the connectivity check answers first."""
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy")
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", *proxies):
         monkeypatch.delenv(name, raising=False)
 
     def no_download(*args: object, **kwargs: object) -> None:
@@ -179,6 +180,18 @@ def test_hanging_hub_is_cut_off_by_the_timeout(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(DataError, match=r"no answer within 0\.2 s"):
         check_hub_reachable("roneneldan/TinyStories", timeout=0.2)
     assert time.monotonic() - start < 2
+
+
+@pytest.mark.usefixtures("online")
+def test_hosts_exempt_from_the_proxy_are_reached_directly(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", f"https://127.0.0.1:{hub.getsockname()[1]}")
+        monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # nothing listens on the discard port
+        monkeypatch.setenv("no_proxy", "localhost,127.0.0.1")
+        check_hub_reachable("roneneldan/TinyStories", timeout=1.0)  # straight to the hub, which answers
+        monkeypatch.delenv("no_proxy")
+        with pytest.raises(DataError, match="cannot be reached"):
+            check_hub_reachable("roneneldan/TinyStories", timeout=1.0)  # through the proxy, which does not
 
 
 def test_prepared_hub_data_needs_no_network(prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

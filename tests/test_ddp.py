@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from conftest import make_stories
-from test_train import scalars, write_config
+from helpers import scalars, write_config
 
 from gptlit.data import TinyStoriesDataModule
 from gptlit.runs import load_model

@@ -11,9 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from test_sample import trained
-from test_train import run_cli
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from helpers import run_cli
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from gptlit.config import GPTConfig
 from gptlit.generate import generate
@@ -38,9 +37,9 @@ def test_transformers_gives_the_same_logits_tokens_and_ids(exported: tuple[Path,
     hf_tokenizer = AutoTokenizer.from_pretrained(out_dir)
     assert type(theirs).__name__ == "GPTNeoXForCausalLM"
 
-    for text in TEXTS:
-        assert hf_tokenizer(text)["input_ids"] == tokenizer.encode(text)
-        assert hf_tokenizer.decode(tokenizer.encode(text)) == text
+    for text in TEXTS:  # <bos> first, as gptlit reads a prompt; decoded without it
+        assert hf_tokenizer(text)["input_ids"] == tokenizer.encode(text, bos=True)
+        assert hf_tokenizer.decode(tokenizer.encode(text, bos=True), skip_special_tokens=True) == text
 
     ids = torch.tensor([tokenizer.encode(text, bos=True)[:12] for text in TEXTS])  # (3, 12)
     with torch.no_grad():
@@ -54,6 +53,19 @@ def test_transformers_gives_the_same_logits_tokens_and_ids(exported: tuple[Path,
         )
     assert hf_out[0, prompt.size(1) :].tolist() == greedy
     assert hf_tokenizer.bos_token_id == 1 and hf_tokenizer.eos_token_id == 2 and hf_tokenizer.pad_token_id == 0
+
+
+def test_the_text_generation_pipeline_writes_what_gptlit_sample_writes(exported: tuple[Path, Path], capsys) -> None:
+    """The exported tokenizer reads a prompt as <bos> + text, as gptlit does: the same greedy story."""
+    ckpt, out_dir = exported
+    generator = pipeline("text-generation", model=str(out_dir), device="cpu")
+    for prompt in ("Lily", "Tom said"):
+        capsys.readouterr()
+        run_cli("sample", "--ckpt_path", str(ckpt), "--prompt", prompt, "--temperature", "0", "--max_new_tokens", "24")
+        ours = capsys.readouterr().out
+        theirs = generator(prompt, max_new_tokens=24, do_sample=False)[0]["generated_text"]
+        assert len(ours) > len(prompt) + 10
+        assert theirs + "\n" == ours
 
 
 def test_the_export_loads_without_gptlit(exported: tuple[Path, Path]) -> None:

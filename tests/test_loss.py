@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gptlit.config import GPTConfig
-from gptlit.loss import chunked_cross_entropy
+from gptlit.loss import chunked_cross_entropy, linear_cross_entropy
 from gptlit.model import GPT
 
 
@@ -62,3 +63,41 @@ def test_without_gradients_only_the_value_is_computed() -> None:
     with torch.inference_mode():
         value = chunked_cross_entropy(h, w, y, 6)
     torch.testing.assert_close(value, F.cross_entropy(h @ w.t(), y))
+
+
+class CountMatmuls(TorchDispatchMode):
+    """Counts the matrix products that run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
+def test_evaluation_does_the_forward_work_only(no_grad) -> None:
+    """Under Lightning's validation (no_grad / inference_mode) the loss costs what logits + cross-entropy cost,
+    although the head's weight is a Parameter that requires grad."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=101, block_size=16, embed_dim=32, n_heads=2, n_layers=2, dropout=0.0))
+    x, y = torch.randint(0, 101, (3, 16)), torch.randint(0, 101, (3, 16))  # 48 rows: one chunk
+    with no_grad(), CountMatmuls() as chunked:
+        loss = model.loss(x, y)
+    with no_grad(), CountMatmuls() as plain:
+        reference = linear_cross_entropy(model.hidden_states(x).flatten(0, 1), model.lm_head.weight, y.flatten())
+    assert chunked.count == plain.count
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, reference)
+
+
+def test_targets_may_be_a_slice_of_one_buffer() -> None:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=101, block_size=16, embed_dim=32, n_heads=2, n_layers=1, dropout=0.0))
+    buf = torch.randint(0, 101, (3, 17))
+    x, y = buf[:, :-1], buf[:, 1:]  # nanoGPT style: y is not contiguous
+    reference = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    torch.testing.assert_close(model.loss(x, y), reference)

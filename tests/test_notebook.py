@@ -6,8 +6,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from helpers import run_cli, write_config
 from nbclient import NotebookClient
-from test_train import run_cli, workdir, write_config
 
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "sample.ipynb"
 PROMPTS = ["Once upon a time", "Lily and Ben went to the park.", "The little dog"]  # the notebook's

@@ -9,27 +9,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_train import run_cli, write_config
+from helpers import run_cli, write_config
 
 from gptlit.runs import load_model
 from gptlit.tokenizer import Tokenizer
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory holding one short training run of a tiny model ("run"), trained once for this module."""
-    from conftest import make_stories
-
-    root = tmp_path_factory.mktemp("trained")
-    text = "".join(f"{story}\n<|endoftext|>\n" for story in make_stories(400))
-    (root / "stories.txt").write_text(text, encoding="utf-8")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        run_cli("fit", "--config", str(write_config(root, max_steps=40)))
-    finally:
-        os.chdir(cwd)
-    return root
 
 
 @pytest.fixture

@@ -10,65 +10,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import yaml
-from conftest import make_stories
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from helpers import MODEL, OPTIM, params, run_cli, scalars, write_config
 
-from gptlit.cli import cli_main
 from gptlit.data import TinyStoriesDataModule
 from gptlit.module import GPTLitModule, lr_factor
-
-MODEL = {"block_size": 32, "embed_dim": 32, "n_heads": 2, "n_layers": 2, "dropout": 0.0}
-OPTIM = {"learning_rate": 3e-3, "min_lr": 3e-4, "warmup": 4}
-
-
-def write_config(tmp_path: Path, name: str = "run", max_steps: int = 16, **trainer) -> Path:
-    config = {
-        "seed_everything": 7,
-        "trainer": {
-            "max_steps": max_steps,
-            "precision": "32-true",
-            "accelerator": "cpu",
-            "val_check_interval": 8,
-            "check_val_every_n_epoch": None,
-            "limit_val_batches": 2,
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "deterministic": True,
-            **trainer,
-        },
-        "model": {**MODEL, **OPTIM},
-        "data": {"source": str(tmp_path / "stories.txt"), "data_dir": str(tmp_path / "data"), "vocab_size": 320},
-        "checkpoint": {"every_n_train_steps": 4},
-    }
-    (tmp_path / "data").mkdir(exist_ok=True)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A directory with a corpus, where runs land in ./lightning_logs."""
-    text = "".join(f"{story}\n<|endoftext|>\n" for story in make_stories(400))
-    (tmp_path / "stories.txt").write_text(text, encoding="utf-8")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def run_cli(*args: str) -> None:
-    cli_main(list(args))
-
-
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
-def params(ckpt: Path) -> dict[str, torch.Tensor]:
-    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
 
 
 class InterruptAt(L.Callback):
@@ -89,8 +34,14 @@ def test_fit_trains_logs_and_checkpoints(workdir: Path) -> None:
     assert (run / "checkpoints" / "best.ckpt").is_file()
     assert (run / "config.yaml").is_file() and (run / "hparams.yaml").is_file()
     logged = scalars(run)
-    for tag in ("train/loss", "val/loss", "val/ppl", "val/bpb", "train/lr", "train/tokens_per_sec"):
+    for tag in ("train/loss", "val/loss", "val/ppl", "val/bpb", "train/lr/decay", "train/lr/no_decay"):
         assert tag in logged, tag
+    # Lightning's ThroughputMonitor, over windows of 10 batches: items are tokens, 32 per sequence.
+    tokens_per_sec, sequences_per_sec = logged["train/device/items_per_sec"], logged["train/device/samples_per_sec"]
+    assert [step for step, _ in tokens_per_sec] == list(range(9, 24))
+    assert all(
+        t == pytest.approx(32 * s, rel=1e-5) for (_, t), (_, s) in zip(tokens_per_sec, sequences_per_sec, strict=True)
+    )
     losses = [value for _, value in logged["train/loss"]]
     assert len(losses) == 24
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5  # it learns
@@ -123,7 +74,7 @@ def test_interrupted_run_resumes_to_the_same_parameters(workdir: Path) -> None:
     assert [step for step, _ in logged["train/loss"]] == list(range(16))  # one curve, no step twice
     # The learning rate follows warmup + cosine across the resume, as in the straight run.
     expected = [OPTIM["learning_rate"] * lr_factor(s, 4, 16, 0.1) for s in range(16)]
-    for logged_lrs in (logged["train/lr"], scalars(workdir / "lightning_logs" / "straight")["train/lr"]):
+    for logged_lrs in (logged["train/lr/decay"], scalars(workdir / "lightning_logs" / "straight")["train/lr/no_decay"]):
         assert [step for step, _ in logged_lrs] == list(range(16))
         assert [value for _, value in logged_lrs] == pytest.approx(expected, rel=1e-5)
 

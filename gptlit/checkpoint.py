@@ -1,0 +1,73 @@
+"""gptlit checkpoints: read weights-only, checked, and migrated from the formats of earlier gptlit versions.
+
+A gptlit checkpoint is a Lightning checkpoint with one more entry, ``gptlit``:
+``{"format": CHECKPOINT_FORMAT, "config": GPTConfig fields, "tokenizer": the tokenizer's JSON}``. The model's
+weights are the ``state_dict`` entries under ``model.``.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptlit.errors import MissingFileError, UsageError
+
+CHECKPOINT_FORMAT = 1
+MODEL_PREFIX = "model."
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a gptlit checkpoint weights-only: a pickle that would run code is refused, never executed.
+
+    A checkpoint of an earlier format is migrated in memory; one of a later format than this gptlit
+    reads is refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"checkpoint not found: {path}; give a .ckpt file, or 'last' or 'best'")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")  # what it would run
+        raise UsageError(
+            f"refusing to load {path}: it holds pickled objects that are not plain tensors and could run code "
+            f"({reason}); only load checkpoints written by gptlit"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise UsageError(f"{path} is not a readable checkpoint ({err}); it may be truncated") from None
+    if not isinstance(checkpoint, dict) or "gptlit" not in checkpoint:
+        raise UsageError(f"{path} is not a gptlit checkpoint (it has no 'gptlit' entry); train one with gptlit fit")
+    return migrate_checkpoint(checkpoint, path)
+
+
+def migrate_checkpoint(checkpoint: dict[str, Any], path: str | Path = "the checkpoint") -> dict[str, Any]:
+    """Bring a checkpoint's ``gptlit`` entry to ``CHECKPOINT_FORMAT`` (in place); refuse a newer format."""
+    saved = checkpoint["gptlit"]
+    version = saved.get("format", 1) if isinstance(saved, dict) else None
+    if not isinstance(version, int) or version < 1:
+        raise UsageError(f"{path} has a malformed 'gptlit' entry (format {version!r}); it was not written by gptlit")
+    if version > CHECKPOINT_FORMAT:
+        raise UsageError(
+            f"{path} is of checkpoint format {version}, newer than this gptlit reads ({CHECKPOINT_FORMAT}); "
+            "upgrade gptlit (pip install -U gptlit) to load it"
+        )
+    saved["format"] = CHECKPOINT_FORMAT
+    return checkpoint
+
+
+def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The GPT's own state_dict out of a Lightning checkpoint of a GPTLitModule."""
+    state = checkpoint["state_dict"]
+    return {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+
+
+def tokenizer_json(checkpoint: dict[str, Any], path: str | Path = "the checkpoint") -> str:
+    """The serialized tokenizer a checkpoint carries."""
+    serialized = checkpoint["gptlit"].get("tokenizer")
+    if not serialized:
+        raise UsageError(f"{path} carries no tokenizer; it was saved without a data module")
+    return serialized

@@ -1,0 +1,144 @@
+"""What a run saves: ``last.ckpt`` (its newest state), ``best.ckpt`` (its best weights), each written atomically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from gptlit.errors import ConfigError
+
+LAST, BEST = "last.ckpt", "best.ckpt"
+
+
+class LastCheckpoint(L.Callback):
+    """Keeps ``checkpoints/last.ckpt``, the run's newest state: every ``every_n_train_steps``, at the end, and
+    when a run is stopped (SIGTERM, or Ctrl-C with :class:`gptlit.stopping.GracefulStop`).
+
+    Always that one file, wherever the run directory lives: a run moved or copied elsewhere resumes from its
+    own newest state. A step's checkpoint is written at the end of the step, but Lightning writes that step's
+    metrics to the logger only after this callback has run (and validation, if due, after that). So it is
+    staged as ``.last.ckpt.staged`` and renamed to ``last.ckpt`` when the next step starts (or training ends):
+    a run killed in between resumes from the checkpoint before, whose steps are all in the TensorBoard curve,
+    and the curve stays one line with every step once.
+
+    Args:
+        every_n_train_steps: Save ``last.ckpt`` every this many optimizer steps.
+        dirpath: The directory to write to (default: the run's ``checkpoints/``).
+    """
+
+    def __init__(self, every_n_train_steps: int = 500, dirpath: str | None = None) -> None:
+        if every_n_train_steps < 1:
+            raise ConfigError(f"checkpoint.every_n_train_steps must be >= 1, got {every_n_train_steps}")
+        self.every_n_train_steps = every_n_train_steps
+        self.dirpath = dirpath
+        self._saved_step: int | None = None  # global_step of the newest state written
+        self._staged: tuple[Path, Path] | None = None  # (written, to become)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            log_dir = trainer.log_dir  # a broadcast: every rank asks
+            self.dirpath = str(Path(log_dir or trainer.default_root_dir) / "checkpoints")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._saved_step = trainer.global_step  # a resumed state is saved already
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._commit(trainer)  # the previous step's metrics (and validation) are written by now
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        # The last step's state is saved here too, not only at the end: by on_train_end Lightning has marked
+        # the epoch complete, and a run extended from that state (a larger max_steps) would not go on exactly.
+        last_step = 0 <= trainer.max_steps <= trainer.global_step
+        if trainer.global_step % self.every_n_train_steps == 0 or last_step:
+            self._save_if_behind(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save_if_behind(trainer)  # a run that ended otherwise (max_epochs, max_time)
+        self._commit(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._commit(trainer)  # an end-of-step state, whatever went wrong after it
+        # SIGTERMException is raised between batches, so the state is a consistent end-of-step state.
+        if isinstance(exception, SIGTERMException):
+            self._save_if_behind(trainer)
+            self._commit(trainer)
+            rank_zero_info(f"Stopped at step {trainer.global_step}; saved {Path(self.dirpath or '.') / LAST}")
+
+    def _save_if_behind(self, trainer: L.Trainer) -> None:
+        if self._saved_step == trainer.global_step or trainer.sanity_checking:
+            return
+        target = Path(self.dirpath or ".") / LAST
+        staged = target.with_name(f".{LAST}.staged")
+        trainer.save_checkpoint(
+            staged, weights_only=False
+        )  # every rank takes part; the first writes, atomically (AtomicCheckpointIO)
+        self._saved_step, self._staged = trainer.global_step, (staged, target)
+
+    def _commit(self, trainer: L.Trainer) -> None:
+        if self._staged is not None:
+            staged, target = self._staged
+            self._staged = None
+            if trainer.is_global_zero:  # the rank that wrote it
+                os.replace(staged, target)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``checkpoints/best.ckpt``: the weights with the lowest ``monitor`` so far, saved right after validation.
+
+    A run moved or copied to another directory keeps its best score: the paths saved in its checkpoint are
+    read as this run's own, where Lightning would forget the score and let a worse model replace the best.
+
+    Args:
+        monitor: The logged metric to minimize.
+    """
+
+    def __init__(self, monitor: str = "val/loss") -> None:
+        super().__init__(
+            monitor=monitor, mode="min", save_top_k=1, filename="best", enable_version_counter=False, save_last=False
+        )
+
+    @property
+    def state_key(self) -> str:
+        # The key of Lightning's own ModelCheckpoint with these settings, which gptlit 0.1.0 saved it under.
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_dir = state_dict.get("dirpath")
+        if saved_dir and self.dirpath and saved_dir != self.dirpath:
+            state_dict = relocate(state_dict, saved_dir, self.dirpath)
+        super().load_state_dict(state_dict)
+
+
+def relocate(state: Any, old_dir: str, new_dir: str) -> Any:
+    """``state`` with every path inside ``old_dir`` (in values and in dict keys) moved into ``new_dir``."""
+    if isinstance(state, str):
+        return new_dir + state[len(old_dir) :] if state == old_dir or state.startswith(old_dir + os.sep) else state
+    if isinstance(state, dict):
+        return {relocate(k, old_dir, new_dir): relocate(v, old_dir, new_dir) for k, v in state.items()}
+    return state
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside it, syncs it to disk, then renames it into place.
+
+    A process killed mid-write leaves the previous checkpoint intact (a rename within a directory is atomic);
+    Lightning's own writer stages the file in the system temp directory, which may be another file system.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f"{'' if path.name.startswith('.') else '.'}{path.name}.partial")
+        with open(staging, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, path)

@@ -1,0 +1,33 @@
+"""The few private parts of Lightning that gptlit relies on, in one place.
+
+Each is pinned by a test in ``tests/test_lightning_private.py``: a Lightning upgrade that changes one fails
+there, by name, instead of somewhere in a training run.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+
+
+def request_stop(trainer: L.Trainer) -> None:
+    """Stop training after the current batch, as Lightning does on SIGTERM (``trainer.received_sigterm``).
+
+    Lightning then raises ``SIGTERMException`` between two batches, calls ``on_exception`` of every callback
+    (gptlit's ``LastCheckpoint`` saves there) and ends the run; ``trainer.should_stop`` would instead mark the
+    epoch complete, which a resumed run cannot continue exactly.
+    """
+    trainer._signal_connector.received_sigterm = True
+
+
+class KeepConfigOverCheckpoint:
+    """A LightningCLI mixin: the model settings come from the config, never from a ``--ckpt_path`` file.
+
+    LightningCLI (since 2.5) replaces the model settings with the hyperparameters saved in a ``--ckpt_path``
+    file, in its private ``_parse_ckpt_path``, loading the file before gptlit has checked it: ``--model...``
+    options would be silently ignored, and a file that is not a plain checkpoint would end in a traceback.
+    gptlit keeps the config it is given (the checkpoint's own run's when there is no ``--config``), and checks
+    the checkpoint against it.
+    """
+
+    def _parse_ckpt_path(self) -> None:
+        pass

@@ -1,0 +1,143 @@
+"""A run's ``config.yaml``: written when training starts, and read back, migrated, to resume the run.
+
+Config files of earlier gptlit versions keep working: before the parser reads a config file, keys that have
+moved are moved (``migrate_config``) in a copy, and the file itself is left as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import copy
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import yaml
+from lightning.pytorch.cli import SaveConfigCallback
+
+# Options of LastCheckpoint's 0.1.0 form (a ModelCheckpoint), which had no effect on last.ckpt.
+_OLD_CHECKPOINT_KEYS = (
+    "filename",
+    "monitor",
+    "verbose",
+    "save_on_exception",
+    "save_weights_only",
+    "mode",
+    "auto_insert_metric_name",
+    "train_time_interval",
+    "every_n_epochs",
+    "save_on_train_epoch_end",
+    "enable_version_counter",
+)
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Writes the run's ``config.yaml`` when training starts, atomically; ``validate``/``test`` leave it alone.
+
+    Lightning's ``SaveConfigCallback`` writes it at setup, before a resumed checkpoint is loaded and checked:
+    a resume refused there (another tokenizer, a model of another size) would already have replaced the run's
+    config with the refused one, which ``fit --ckpt_path last`` then reads. Staged beside the target and
+    renamed into place, as checkpoints are, so a kill mid-write leaves the previous file.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pass  # see on_train_start
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = trainer.log_dir  # a broadcast: every rank must ask
+        if not trainer.is_global_zero or log_dir is None:
+            return
+        path = Path(log_dir) / self.config_filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.partial")
+        self.parser.save(self.config, str(staging), skip_none=False, overwrite=True, multifile=self.multifile)
+        os.replace(staging, path)
+
+
+def command_options(args: list[str]) -> argparse.Namespace:
+    """The options gptlit reads before LightningCLI does: ``config`` (a list: ``-c X``, ``--config X`` or
+    ``--config=X``, each as often as given), ``ckpt_path`` and ``root_dir`` (``--trainer.default_root_dir``)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("-c", "--config", action="append", default=[])
+    parser.add_argument("--ckpt_path")
+    parser.add_argument("--trainer.default_root_dir", dest="root_dir")
+    known, _ = parser.parse_known_args(args)
+    return known
+
+
+def migrate_config(config: dict[str, Any]) -> list[str]:
+    """Move the keys of an earlier gptlit's config to where this gptlit reads them (in place).
+
+    Returns a line for each change the user should know of (a dropped ``null`` goes unsaid). Only the
+    sections of a ``fit`` config (``model``, ``data``, ``trainer``, ``checkpoint``) are touched.
+    """
+    notes = []
+    checkpoint = config.get("checkpoint")
+    if isinstance(checkpoint, dict):
+        dropped = [key for key in _OLD_CHECKPOINT_KEYS if key in checkpoint]
+        for key in dropped:
+            del checkpoint[key]
+        if dropped:
+            notes.append("checkpoint: dropped the ModelCheckpoint options of gptlit 0.1.0 (they never applied)")
+    model = config.get("model")
+    if isinstance(model, dict) and "peak_flops" in model and model.pop("peak_flops") is not None:
+        notes.append("model.peak_flops is gone: train/device/mfu comes from Lightning's ThroughputMonitor")
+    return notes
+
+
+def migrated_config_args(args: list[str]) -> list[str]:
+    """``args`` with every config file that needs migrating replaced by a migrated copy of the same name.
+
+    A copy keeps the file's name, since a run is named after its first config file.
+    """
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-c", "--config") and i + 1 < len(args):
+            out += [arg, _migrated_file(args[i + 1])]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            arg = "--config=" + _migrated_file(arg.split("=", 1)[1])
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _migrated_file(path: str) -> str:
+    try:
+        config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return path  # the parser reports it
+    if not isinstance(config, dict):
+        return path
+    before = copy.deepcopy(config)
+    notes = migrate_config(config)
+    if config == before:
+        return path
+    if is_rank_zero():
+        for note in notes:
+            print(f"gptlit: {path}: {note}", file=sys.stderr)
+    directory = tempfile.mkdtemp(prefix="gptlit-config-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    migrated = Path(directory) / Path(path).name
+    migrated.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return str(migrated)
+
+
+def is_rank_zero() -> bool:
+    """Whether this is the first process of a run, judged from the environment before Lightning has started.
+
+    Under DDP every process parses the command line; only the first may judge or change run directories.
+    torchrun sets RANK; Lightning's own launcher sets LOCAL_RANK (and NODE_RANK) for the processes it starts;
+    SLURM's srun starts every task itself and sets SLURM_PROCID. Same order as Lightning's ``rank_zero_only``.
+    """
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key]) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+    return True

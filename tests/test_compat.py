@@ -1,0 +1,51 @@
+"""Runs written by gptlit 0.1.0 (tests/fixtures/run-0.1.0) still sample, export, validate and resume."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_cli, write_corpus
+
+from gptlit.runs import load_model
+from gptlit.tokenizer import Tokenizer
+
+FIXTURE = Path(__file__).parent / "fixtures" / "run-0.1.0"
+
+
+@pytest.fixture
+def old_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the 0.1.0 run in ./lightning_logs, beside the corpus its config names (stories.txt)."""
+    write_corpus(tmp_path / "stories.txt")
+    shutil.copytree(FIXTURE, tmp_path / "lightning_logs" / "run-0.1.0")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "lightning_logs" / "run-0.1.0"
+
+
+def test_an_old_checkpoint_samples_and_exports(old_run: Path, capsys) -> None:
+    capsys.readouterr()
+    run_cli("sample", "--prompt", "Lily", "--max_new_tokens", "12", "--seed", "0")
+    assert capsys.readouterr().out.startswith("Lily")
+    run_cli("export", "--ckpt_path", "last", "--out_dir", "hf")
+    assert (old_run.parents[1] / "hf" / "model.safetensors").is_file()
+    model, tokenizer = load_model(old_run / "checkpoints" / "last.ckpt")
+    assert model.config.embed_dim == 16 and tokenizer.vocab_size == 320
+
+
+def test_an_old_run_validates_and_resumes_from_its_own_config(old_run: Path, capsys) -> None:
+    last = old_run / "checkpoints" / "last.ckpt"
+    before = torch.load(last, weights_only=True)
+    assert before["global_step"] == 6
+    run_cli("validate", "--ckpt_path", "last")
+    # The corpus of today's test helpers trains the very tokenizer the old checkpoint carries.
+    assert Tokenizer.from_file(old_run.parents[1] / "data" / "tokenizer.json").sha256 == (
+        Tokenizer.from_str(before["gptlit"]["tokenizer"]).sha256
+    )
+    run_cli("fit", "--ckpt_path", "last", "--trainer.max_steps", "9")
+    after = torch.load(last, weights_only=True)
+    assert after["global_step"] == 9
+    assert sorted(p.name for p in last.parent.glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
+    moved = [name for name, t in after["state_dict"].items() if not torch.equal(t, before["state_dict"][name])]
+    assert moved, "resuming trained nothing"

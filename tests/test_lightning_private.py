@@ -1,0 +1,58 @@
+"""The private Lightning API that gptlit relies on (gptlit/lightning_private.py): each behaviour pinned here, so
+that a Lightning upgrade that changes one fails by name."""
+
+from __future__ import annotations
+
+import inspect
+
+import lightning as L
+import pytest
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from gptlit.cli import GPTLitCLI
+from gptlit.lightning_private import KeepConfigOverCheckpoint, request_stop
+
+
+class StopAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step, self.exceptions, self.batches_started = step, [], 0
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        self.batches_started += 1
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            request_stop(trainer)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.exceptions.append(exception)
+
+
+def test_request_stop_ends_training_between_two_batches() -> None:
+    """What GracefulStop needs: the flag makes Lightning raise SIGTERMException after the current batch, with
+    callbacks' on_exception called first (LastCheckpoint saves there), and the epoch not marked complete."""
+    stop = StopAt(step=3)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=10,
+        callbacks=[stop],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    with pytest.raises(SIGTERMException):
+        trainer.fit(BoringModel(), datamodule=BoringDataModule())
+    assert trainer.global_step == 3 and stop.batches_started == 3
+    assert [type(e) for e in stop.exceptions] == [SIGTERMException]
+    assert trainer.fit_loop.epoch_progress.current.completed == 0
+
+
+def test_lightning_cli_still_reads_hyperparameters_through_the_method_gptlit_replaces() -> None:
+    """LightningCLI loads --ckpt_path hyperparameters in ``_parse_ckpt_path``, called from ``__init__``; gptlit's
+    CLI replaces it with a no-op (the behaviour: tests/test_cli.py, resuming into another model shape)."""
+    assert "self._parse_ckpt_path()" in inspect.getsource(LightningCLI.__init__)
+    assert GPTLitCLI._parse_ckpt_path is KeepConfigOverCheckpoint._parse_ckpt_path

@@ -1,0 +1,77 @@
+"""Resuming a run: wherever it has moved, from whichever config spelling, with last.ckpt its newest state."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import params, run_cli, scalars, write_config
+
+from gptlit.checkpointing import BestCheckpoint
+
+
+def checkpoints(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").iterdir())
+
+
+def step_of(ckpt: Path) -> int:
+    return torch.load(ckpt, weights_only=True)["global_step"]
+
+
+def test_a_moved_run_resumes_and_resumes_again_from_its_latest_step(workdir: Path) -> None:
+    """Fit 20 steps, move the whole root, resume to 30 and to 40: the same weights as 40 steps in one go.
+
+    A constant learning rate, so that extending max_steps changes no schedule.
+    """
+    config = write_config(workdir, max_steps=40, val_check_interval=4)
+    config.write_text(config.read_text().replace("min_lr: 0.0003", "min_lr: 0.003").replace("warmup: 4", "warmup: 0"))
+    run_cli("fit", "--config", str(config), "--run_name", "straight", "--trainer.default_root_dir", "first")
+    run_cli("fit", "--config", str(config), "--trainer.default_root_dir", "first", "--trainer.max_steps", "20")
+    shutil.move(workdir / "first", workdir / "moved")
+    for max_steps in ("30", "40"):
+        run_cli("fit", "--ckpt_path", "last", "--trainer.default_root_dir", "moved", "--trainer.max_steps", max_steps)
+
+    run = workdir / "moved" / "lightning_logs" / "run"
+    assert checkpoints(run) == ["best.ckpt", "last.ckpt"]  # never a last-v1.ckpt
+    assert step_of(run / "checkpoints" / "last.ckpt") == 40
+    straight = params(workdir / "moved" / "lightning_logs" / "straight" / "checkpoints" / "last.ckpt")
+    resumed = params(run / "checkpoints" / "last.ckpt")
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert [step for step, _ in scalars(run)["train/loss"]] == list(range(40))
+
+    # best.ckpt holds the lowest validation loss of the whole run, and its state names the new place.
+    val = scalars(run)["val/loss"]
+    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    (state,) = [s for key, s in best["callbacks"].items() if key.startswith("ModelCheckpoint")]
+    assert float(state["best_model_score"]) == pytest.approx(min(v for _, v in val))
+    assert Path(state["best_model_path"]).resolve() == run / "checkpoints" / "best.ckpt"
+
+
+def test_a_moved_best_checkpoint_keeps_its_score() -> None:
+    """Lightning forgets the best score when the directory changed: a worse model would replace best.ckpt."""
+    saved = BestCheckpoint(monitor="val/loss")
+    saved.dirpath, saved.best_model_score = "/old/run/checkpoints", torch.tensor(1.5)
+    saved.best_model_path = saved.kth_best_model_path = "/old/run/checkpoints/best.ckpt"
+    saved.best_k_models = {saved.best_model_path: torch.tensor(1.5)}
+    moved = BestCheckpoint(monitor="val/loss")
+    moved.dirpath = "/new/place/run/checkpoints"
+    moved.load_state_dict(saved.state_dict())
+    assert moved.best_model_score == torch.tensor(1.5)
+    assert moved.best_model_path == moved.kth_best_model_path == "/new/place/run/checkpoints/best.ckpt"
+    assert moved.best_k_models == {"/new/place/run/checkpoints/best.ckpt": torch.tensor(1.5)}
+    assert moved.state_key == saved.state_key and moved.state_key.startswith("ModelCheckpoint{")  # as 0.1.0 saved it
+
+
+@pytest.mark.parametrize("spelling", [["-c", "{}"], ["--config", "{}"], ["--config={}"]], ids=" ".join)
+def test_every_spelling_of_config_resumes_that_run(workdir: Path, spelling: list[str]) -> None:
+    """``fit -c <run>/config.yaml --ckpt_path last`` resumes that run, not the most recently written one."""
+    run_cli("fit", "--config", str(write_config(workdir, name="alpha", max_steps=4)))
+    run_cli("fit", "--config", str(write_config(workdir, name="beta", max_steps=4)))  # written last
+    alpha = workdir / "lightning_logs" / "alpha"
+    args = [part.format(alpha / "config.yaml") for part in spelling]
+    run_cli("fit", *args, "--ckpt_path", "last", "--trainer.max_steps", "6")
+    assert step_of(alpha / "checkpoints" / "last.ckpt") == 6
+    assert step_of(workdir / "lightning_logs" / "beta" / "checkpoints" / "last.ckpt") == 4
