@@ -42,6 +42,19 @@ class LastCheckpoint(L.Callback):
         self._saved_step: int | None = None  # global_step of the newest state written
         self._staged: tuple[Path, Path] | None = None  # (written, to become)
 
+    @property
+    def state_key(self) -> str:
+        # The key gptlit 0.1.0 saved this callback's state under: resuming its checkpoints finds it there.
+        n = self.every_n_train_steps
+        key = {
+            "monitor": None,
+            "mode": "min",
+            "every_n_train_steps": n,
+            "every_n_epochs": 0,
+            "train_time_interval": None,
+        }
+        return "LastCheckpoint" + repr(key)
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.dirpath is None:
             log_dir = trainer.log_dir  # a broadcast: every rank asks

@@ -144,7 +144,10 @@ class GPTLitCLI(KeepConfigOverCheckpoint, LightningCLI):
         given = [] if given is None else given if isinstance(given, list) else [given]
         # Before the Trainer is built: with a ModelCheckpoint among them, Lightning adds no checkpoint of its own.
         kwargs["callbacks"] = [*given, *_default_callbacks(given, config.trainer.enable_progress_bar)]
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (ValueError, MisconfigurationException) as err:  # the Trainer refuses its settings
+            raise ConfigError(f"trainer: {err}") from err
 
 
 def _sequences(batch) -> int:

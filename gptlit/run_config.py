@@ -55,7 +55,7 @@ class SaveRunConfig(SaveConfigCallback):
         path = Path(log_dir) / self.config_filename
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_name(f".{path.name}.partial")
-        self.parser.save(self.config, str(staging), skip_none=False, overwrite=True, multifile=self.multifile)
+        self.parser.save(self.config, str(staging), skip_unset=False, overwrite=True, multifile=self.multifile)
         os.replace(staging, path)
 
 

@@ -64,3 +64,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     finally:
         os.chdir(cwd)
     return root
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with ``stories.txt`` (300 stories, with padding and blanks) and ``data/`` prepared from it
+    (vocabulary 400, 5% held out), once per session; copy it before changing it."""
+    from helpers import make_dm, write_stories
+
+    root = tmp_path_factory.mktemp("prepared")
+    corpus = write_stories(root / "stories.txt", make_stories(300), "txt")
+    make_dm(root / "data", corpus).prepare_data()
+    return root

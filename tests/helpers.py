@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 import torch
 import yaml
 from conftest import make_stories
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gptlit.cli import cli_main
+from gptlit.config import GPTConfig
+from gptlit.data import TinyStoriesDataModule
+from gptlit.draft import NgramDraft, NgramTable
+from gptlit.generate import sample_next
+from gptlit.model import GPT
+from gptlit.sources import TXT_SEPARATOR
 
+VOCAB = 97  # of tiny_model
+POSITIONS = pytest.mark.parametrize("use_rope", [True, False], ids=["rope", "learned"])  # both kinds
 MODEL = {"block_size": 32, "embed_dim": 32, "n_heads": 2, "n_layers": 2, "dropout": 0.0}
 OPTIM = {"learning_rate": 3e-3, "min_lr": 3e-4, "warmup": 4}
 
@@ -63,3 +75,123 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def params(ckpt: Path) -> dict[str, torch.Tensor]:
     """The state_dict a checkpoint holds."""
     return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+# Corpora and data modules --------------------------------------------------------------------------------
+
+
+def write_stories(path: Path, stories: list[str], fmt: str) -> Path:
+    """Write ``stories`` as ``fmt`` with padding and blank stories mixed in, which preparation must undo."""
+    messy: list[str] = []
+    for i, story in enumerate(stories):
+        messy.append(f"  {story}\n\n" if i % 3 == 0 else story)
+        if i % 40 == 0:
+            messy.append("  \n ")
+    if fmt == "txt":  # the official layout; the last story has no separator after it
+        path.write_text("".join(f"{s}\n{TXT_SEPARATOR}\n" for s in messy[:-1]) + messy[-1], encoding="utf-8")
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps({"id": i, "text": s}) + "\n" for i, s in enumerate(messy)), "utf-8")
+    elif fmt == "json":
+        path.write_text(json.dumps([{"text": s} for s in messy]), encoding="utf-8")
+    elif fmt == "parquet":
+        pq.write_table(pa.table({"text": messy}), path)
+    return path
+
+
+def make_dm(data_dir: Path, source: Path | str, **kwargs) -> TinyStoriesDataModule:
+    settings = {"vocab_size": 400, "block_size": 32, "batch_size": 4, "val_fraction": 0.05, **kwargs}
+    return TinyStoriesDataModule(source=str(source), data_dir=str(data_dir), **settings)
+
+
+# Models and decoding --------------------------------------------------------------------------------
+
+
+def tiny_model(block_size: int = 32, use_rope: bool = True, seed: int = 4, vocab_size: int = VOCAB) -> GPT:
+    """A tiny GPT pushed far off its init (every parameter, norms included), so that its logits are
+    sharp and its greedy continuations wander instead of repeating one token."""
+    torch.manual_seed(seed)
+    config = GPTConfig(
+        vocab_size=vocab_size,
+        block_size=block_size,
+        embed_dim=32,
+        n_heads=4,
+        n_layers=2,
+        dropout=0.0,
+        use_rope=use_rope,
+    )
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def prompt(length: int, seed: int = 0) -> list[int]:
+    return torch.randint(3, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.no_grad()
+def reference_generate(
+    model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, seed: int = 0
+) -> list[int]:
+    """Decoding with no KV cache: each step a full causal forward (no input_pos) over the context.
+
+    The context is generate_stream's documented window: it grows to block_size, then restarts from
+    its last block_size // 2 tokens. While the sequence fits in block_size, that is simply
+    ``tokens[:, -block_size:]``. Samples come from sample_next with a generator seeded like generate's.
+    """
+    window, keep = model.config.block_size, max(1, model.config.block_size // 2)
+    assert len(prompt_ids) <= window
+    generator = torch.Generator().manual_seed(seed)
+    tokens, start = torch.tensor([prompt_ids]), 0
+    for _ in range(max_new_tokens):
+        if tokens.size(1) - start > window:
+            start = tokens.size(1) - keep
+        if tokens.size(1) <= window:
+            assert start == 0
+            context = tokens[:, -window:]
+        else:
+            context = tokens[:, start:]
+        logits = model(context)[:, -1]  # (1, V)
+        if temperature == 0:
+            next_id = logits.argmax(dim=-1)
+        else:
+            next_id = sample_next(logits, temperature, generator=generator)
+        tokens = torch.cat((tokens, next_id.view(1, 1)), dim=1)
+    return tokens[0, len(prompt_ids) :].tolist()
+
+
+class CountingForward:
+    """Counts the model's forward passes and the tokens fed to each decoding pass (prefills left out)."""
+
+    def __init__(self, model: GPT, monkeypatch) -> None:
+        self.calls, self.fed = 0, []
+        forward = model.forward
+
+        def counted(idx, input_pos=None, cache_len=None):
+            self.calls += 1
+            if int(input_pos[0]) > 0:
+                self.fed.append(idx.size(1))
+            return forward(idx, input_pos, cache_len)
+
+        monkeypatch.setattr(model, "forward", counted)
+
+
+def expected_passes(
+    prompt_ids: list[int], out: list[int], draft_tokens: int, block_size: int, table: NgramTable | None = None
+) -> int:
+    """Decoding passes that drafted decoding takes to produce ``out`` (no window slide), replayed from the output:
+    each pass feeds the drafter's guesses, gains the guesses that match ``out``, and one token more."""
+    draft, done = NgramDraft([*prompt_ids, out[0]], table=table), 1  # out[0] comes from the prompt's pass
+    passes = 0
+    while done < len(out):
+        room = min(draft_tokens, block_size - len(prompt_ids) - done, len(out) - done - 1)
+        guess = draft.propose(room)
+        kept = 0
+        while kept < len(guess) and guess[kept] == out[done + kept]:
+            kept += 1
+        for token in out[done : done + kept + 1]:
+            draft.append(token)
+        done += kept + 1
+        passes += 1
+    return passes

@@ -44,7 +44,7 @@ def _child(args: list[str], cwd: str, log: str) -> None:
 
 
 def serve() -> None:
-    import gptlit.cli
+    import gptlit.cli  # noqa: F401 -- the import every child would otherwise pay for, done once here
 
     def reply(message: dict) -> None:
         sys.stdout.write(json.dumps(message) + "\n")

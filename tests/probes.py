@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -55,3 +57,14 @@ class Ballast(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         checkpoint["ballast"] = torch.zeros(self.megabytes << 18)  # float32: 4 bytes each
+
+
+class InterruptAt(L.Callback):
+    """Sends this process SIGINT (a user's Ctrl-C) at the end of optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)

@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 from conftest import make_stories
-from helpers import write_config
+from helpers import write_config, write_corpus
 
 from gptlit.cli import cli_main
 from gptlit.tokenizer import train_tokenizer
@@ -262,7 +262,7 @@ CASES = [
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A corpus, ``run.yaml``, prepared data (``data``) and a run trained for 8 steps (``lightning_logs/run``)."""
     ws = tmp_path_factory.mktemp("workspace")
-    (ws / "stories.txt").write_text("".join(f"{s}\n<|endoftext|>\n" for s in make_stories(400)), encoding="utf-8")
+    write_corpus(ws / "stories.txt")
     config = yaml.safe_load(write_config(ws, name="run").read_text())
     # The copies read this corpus (a copy would be another source: its path is in the data's fingerprint)
     # and write their own data directory.

@@ -13,6 +13,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from gptlit.cli import GPTLitCLI, make_cli
+from gptlit.errors import DataError
 from gptlit.model import Block
 from gptlit.module import GPTLitModule
 from gptlit.run_config import is_rank_zero
@@ -128,3 +129,32 @@ def test_python_dash_m_gptlit_help_lists_the_documented_options() -> None:
     ).stdout
     for option in ("--model.embed_dim", "--data.source", "--run_name", "--checkpoint.every_n_train_steps"):
         assert option in out
+
+
+def test_a_bug_keeps_its_traceback_and_gptlit_errors_are_one_line(monkeypatch, capsys) -> None:
+    """gptlit's own errors are one line and exit 1; anything else (a bug, here in an edited model) propagates."""
+
+    def broken(args):
+        raise ValueError("an edit of the model broke it")
+
+    monkeypatch.setattr("gptlit.cli._run", broken)
+    with pytest.raises(ValueError, match="an edit of the model broke it"):
+        run_cli("fit")
+
+    def refuses(args):
+        raise DataError("stories.txt: no such file or directory; check --data.source")
+
+    monkeypatch.setattr("gptlit.cli._run", refuses)
+    with pytest.raises(SystemExit) as failed:
+        run_cli("fit")
+    assert failed.value.code == 1
+    assert capsys.readouterr().err == "gptlit: error: stories.txt: no such file or directory; check --data.source\n"
+
+
+def test_settings_the_trainer_refuses_are_one_line(workdir: Path, capsys) -> None:
+    config = write_config(workdir, max_steps=4)
+    with pytest.raises(SystemExit) as failed:
+        run_cli("fit", "--config", str(config), "--trainer.strategy", "fsdp", "--trainer.devices", "2")
+    assert failed.value.code == 2
+    line = _error_line(capsys)
+    assert line.startswith("gptlit: error: trainer: The strategy `fsdp` requires a GPU accelerator")

@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_stories
-from helpers import scalars, write_config
+from helpers import scalars, write_config, write_corpus
 from preloaded import Preloaded
 
 from gptlit.data import DataError, TinyStoriesDataModule
@@ -36,11 +35,6 @@ MAX_STEPS = 24  # batches of 64 windows: an epoch is 17 steps, so runs cross an 
 
 def environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-
-
-def corpus(path: Path, n: int = 400) -> Path:
-    path.write_text("".join(f"{story}\n<|endoftext|>\n" for story in make_stories(n)), encoding="utf-8")
-    return path
 
 
 def crash_config(root: Path, name: str, data: Path, every: int) -> Path:
@@ -63,18 +57,18 @@ def preloaded() -> Preloaded:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def crash_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = tmp_path_factory.mktemp("crash-data")
-    corpus(data / "stories.txt")
+    write_corpus(data / "stories.txt")
     prepare_dataset(str(data / "stories.txt"), data / "data", vocab_size=320)
     return data
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory: pytest.TempPathFactory, prepared: Path, preloaded: Preloaded) -> Path:
+def straight(tmp_path_factory: pytest.TempPathFactory, crash_data: Path, preloaded: Preloaded) -> Path:
     """``lightning_logs/straight`` of a run that was never stopped."""
     root = tmp_path_factory.mktemp("straight")
-    config = crash_config(root, "straight", prepared, every=4)
+    config = crash_config(root, "straight", crash_data, every=4)
     assert preloaded.wait(preloaded.start(["fit", "--config", str(config)], root, root / "log")) == 0
     return root / "lightning_logs" / "straight"
 
@@ -151,9 +145,9 @@ def assert_same_training_state(got: Path, want: Path) -> None:
     assert a["lr_schedulers"] == b["lr_schedulers"]
 
 
-def test_kill_9_mid_training_resumes_exactly(tmp_path: Path, prepared: Path, straight: Path) -> None:
+def test_kill_9_mid_training_resumes_exactly(tmp_path: Path, crash_data: Path, straight: Path) -> None:
     """`python -m gptlit fit`, SIGKILL mid-epoch, `fit --ckpt_path last`: the run never stopped, to the bit."""
-    config = crash_config(tmp_path, "cut", prepared, every=4)
+    config = crash_config(tmp_path, "cut", crash_data, every=4)
     last = tmp_path / "lightning_logs" / "cut" / "checkpoints" / "last.ckpt"
     with open(tmp_path / "log", "w") as log:
         fit = subprocess.Popen(
@@ -196,10 +190,10 @@ def test_kill_9_mid_training_resumes_exactly(tmp_path: Path, prepared: Path, str
 
 
 def test_kills_while_writing_checkpoints_always_leave_a_loadable_last_ckpt(
-    tmp_path: Path, prepared: Path, straight: Path, preloaded: Preloaded
+    tmp_path: Path, crash_data: Path, straight: Path, preloaded: Preloaded
 ) -> None:
     """A checkpoint every step, killed ten times (half of them as soon as a checkpoint write has begun)."""
-    config = crash_config(tmp_path, "often", prepared, every=1)
+    config = crash_config(tmp_path, "often", crash_data, every=1)
     ballast = '{"class_path": "probes.Ballast", "init_args": {"megabytes": 8}}'  # ~20 ms to write and sync
     checkpoints = tmp_path / "lightning_logs" / "often" / "checkpoints"
     last, partial = checkpoints / "last.ckpt", checkpoints / ".last.ckpt.staged.partial"
@@ -223,7 +217,7 @@ def test_kills_during_preparation_never_leave_a_used_half_file(tmp_path: Path, p
     After every kill the directory holds a complete set (the one before, or the new one: equal byte for byte to
     an uninterrupted preparation) or none at all; the next run finishes the job.
     """
-    corpus(tmp_path / "stories.txt", n=12_000)  # about a second of preparation
+    write_corpus(tmp_path / "stories.txt", n=12_000)  # about a second of preparation
     names = ["tokenizer.json", "train.bin", "val.bin", "train_offsets.npy", "val_offsets.npy"]
     outcomes: list[str] = []
 

@@ -8,44 +8,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from conftest import make_stories
+from helpers import make_dm, write_stories
 
 from gptlit import prepare as prepare_module
 from gptlit.data import (
     DataError,
-    TinyStoriesDataModule,
     token_dtype,
 )
 from gptlit.sources import TXT_SEPARATOR, check_hub_reachable
 from gptlit.tokenizer import BOS_ID, EOS_ID, Tokenizer, train_tokenizer
 
 # Helpers -------------------------------------------------------------------------------------------
-
-
-def write_corpus(path: Path, stories: list[str], fmt: str) -> Path:
-    """Write ``stories`` as ``fmt`` with padding and blank stories mixed in, which preparation must undo."""
-    messy: list[str] = []
-    for i, story in enumerate(stories):
-        messy.append(f"  {story}\n\n" if i % 3 == 0 else story)
-        if i % 40 == 0:
-            messy.append("  \n ")
-    if fmt == "txt":  # the official layout; the last story has no separator after it
-        path.write_text("".join(f"{s}\n{TXT_SEPARATOR}\n" for s in messy[:-1]) + messy[-1], encoding="utf-8")
-    elif fmt == "jsonl":
-        path.write_text("".join(json.dumps({"id": i, "text": s}) + "\n" for i, s in enumerate(messy)), "utf-8")
-    elif fmt == "json":
-        path.write_text(json.dumps([{"text": s} for s in messy]), encoding="utf-8")
-    elif fmt == "parquet":
-        pq.write_table(pa.table({"text": messy}), path)
-    return path
-
-
-def make_dm(data_dir: Path, source: Path | str, **kwargs) -> TinyStoriesDataModule:
-    settings = {"vocab_size": 400, "block_size": 32, "batch_size": 4, "val_fraction": 0.05, **kwargs}
-    return TinyStoriesDataModule(source=str(source), data_dir=str(data_dir), **settings)
 
 
 def decoded_split(data_dir: Path, split: str) -> list[str]:
@@ -74,15 +49,6 @@ def assert_split_of(train: list[str], val: list[str], expected: list[str]) -> No
     assert len(val) >= 1
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A data dir prepared once from 300 stories (vocab 400); copy it before changing it."""
-    root = tmp_path_factory.mktemp("prepared")
-    corpus = write_corpus(root / "stories.txt", make_stories(300), "txt")
-    make_dm(root / "data", corpus).prepare_data()
-    return root
-
-
 def copy_prepared(prepared: Path, tmp_path: Path) -> Path:
     shutil.copytree(prepared / "data", tmp_path / "data")
     return tmp_path / "data"
@@ -96,12 +62,12 @@ def test_every_format_round_trips(tmp_path: Path, stories: list[str], fmt: str) 
     if fmt.endswith("directory") or fmt == "glob":
         suffix = fmt.split("_")[0] if fmt != "glob" else "txt"
         (tmp_path / "corpus").mkdir()
-        write_corpus(tmp_path / "corpus" / f"part-a.{suffix}", stories[:150], suffix)
-        write_corpus(tmp_path / "corpus" / f"part-b.{suffix}", stories[150:], suffix)
+        write_stories(tmp_path / "corpus" / f"part-a.{suffix}", stories[:150], suffix)
+        write_stories(tmp_path / "corpus" / f"part-b.{suffix}", stories[150:], suffix)
         (tmp_path / "corpus" / "README.md").write_text("not a story")
         source = tmp_path / "corpus" / "*.txt" if fmt == "glob" else tmp_path / "corpus"
     else:
-        source = write_corpus(tmp_path / f"stories.{fmt}", stories, fmt)
+        source = write_stories(tmp_path / f"stories.{fmt}", stories, fmt)
     make_dm(tmp_path / "data", source).prepare_data()
     train, val = decoded_split(tmp_path / "data", "train"), decoded_split(tmp_path / "data", "val")
     assert_split_of(train, val, stories)
@@ -111,7 +77,7 @@ def test_every_format_round_trips(tmp_path: Path, stories: list[str], fmt: str) 
 
 
 def test_held_out_stories_depend_on_seed_only(tmp_path: Path, stories: list[str]) -> None:
-    corpus = write_corpus(tmp_path / "stories.jsonl", stories, "jsonl")
+    corpus = write_stories(tmp_path / "stories.jsonl", stories, "jsonl")
     val = {}
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         make_dm(tmp_path / name, corpus, seed=seed).prepare_data()
@@ -126,12 +92,12 @@ def test_directory_with_its_own_splits_keeps_them(tmp_path: Path, stories: list[
     train, val = stories[:250], stories[250:]
     if layout == "parquet":
         (tmp_path / "repo" / "data").mkdir(parents=True)
-        write_corpus(tmp_path / "repo" / "data" / "train-00000-of-00001.parquet", train, "parquet")
-        write_corpus(tmp_path / "repo" / "data" / "validation-00000-of-00001.parquet", val, "parquet")
+        write_stories(tmp_path / "repo" / "data" / "train-00000-of-00001.parquet", train, "parquet")
+        write_stories(tmp_path / "repo" / "data" / "validation-00000-of-00001.parquet", val, "parquet")
     else:
         (tmp_path / "repo").mkdir()
-        write_corpus(tmp_path / "repo" / "TinyStories-train.txt", train, "txt")
-        write_corpus(tmp_path / "repo" / "TinyStories-valid.txt", val, "txt")
+        write_stories(tmp_path / "repo" / "TinyStories-train.txt", train, "txt")
+        write_stories(tmp_path / "repo" / "TinyStories-valid.txt", val, "txt")
     make_dm(tmp_path / "data", tmp_path / "repo").prepare_data()
     assert decoded_split(tmp_path / "data", "train") == train
     assert decoded_split(tmp_path / "data", "val") == val
@@ -222,7 +188,7 @@ def test_changed_settings_prepare_again(prepared: Path, tmp_path: Path, capsys: 
     meta = json.loads((data_dir / "meta.json").read_text())
     assert meta["vocab_size"] == Tokenizer.from_file(data_dir / "tokenizer.json").vocab_size <= 320
     # Another source with the same tokenizer: re-encoded, tokenizer kept.
-    other = write_corpus(tmp_path / "other.txt", make_stories(200, seed=1), "txt")
+    other = write_stories(tmp_path / "other.txt", make_stories(200, seed=1), "txt")
     make_dm(data_dir, other, vocab_size=320).prepare_data()
     assert "(source, source_fingerprint changed)" in capsys.readouterr().err
     new_meta = json.loads((data_dir / "meta.json").read_text())
@@ -270,7 +236,7 @@ def test_killed_rerun_keeps_the_previous_set_or_none(
     prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_point: str
 ) -> None:
     data_dir = copy_prepared(prepared, tmp_path)
-    other = write_corpus(tmp_path / "other.txt", make_stories(200, seed=1), "txt")
+    other = write_stories(tmp_path / "other.txt", make_stories(200, seed=1), "txt")
     with monkeypatch.context() as patch:
         if crash_point == "encoding":
             _crash_on(patch, prepare_module._SplitWriter, "write", after=1)

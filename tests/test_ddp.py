@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_stories
-from helpers import scalars, write_config
+from helpers import scalars, write_config, write_corpus
 
 from gptlit.data import TinyStoriesDataModule
 from gptlit.runs import load_model
@@ -49,7 +48,7 @@ def batches(directory: Path, rank: str) -> dict[int, list[str]]:
 
 
 def test_ddp_on_two_processes_equals_one_process_with_the_doubled_batch(tmp_path: Path) -> None:
-    (tmp_path / "stories.txt").write_text("".join(f"{s}\n<|endoftext|>\n" for s in make_stories(400)), "utf-8")
+    write_corpus(tmp_path / "stories.txt")
     config = write_config(tmp_path, name="run", max_steps=4)  # checkpoints every 4 steps, dropout 0
     settings = yaml.safe_load(config.read_text())
     shutil.rmtree(tmp_path / "data")  # the DDP run prepares it

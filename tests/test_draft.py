@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_generate import POSITIONS, prompt, reference_generate, tiny_model
+from helpers import POSITIONS, CountingForward, expected_passes, prompt, reference_generate, tiny_model
 
 from gptlit.draft import NgramDraft, NgramTable
 from gptlit.generate import generate
@@ -32,42 +32,6 @@ def test_nothing_to_propose():
     assert NgramDraft([1, 1]).propose(0) == []
     assert NgramDraft([1, 2, 3, 1]).propose(4) == [2, 3, 1, 2]
     assert NgramDraft([5, 5]).propose(3) == [5, 5, 5]  # a token repeating itself
-
-
-class CountingForward:
-    """Counts the model's forward passes and the tokens fed to each decoding pass (prefills left out)."""
-
-    def __init__(self, model: GPT, monkeypatch) -> None:
-        self.calls, self.fed = 0, []
-        forward = model.forward
-
-        def counted(idx, input_pos=None, cache_len=None):
-            self.calls += 1
-            if int(input_pos[0]) > 0:
-                self.fed.append(idx.size(1))
-            return forward(idx, input_pos, cache_len)
-
-        monkeypatch.setattr(model, "forward", counted)
-
-
-def expected_passes(
-    prompt_ids: list[int], out: list[int], draft_tokens: int, block_size: int, table: NgramTable | None = None
-) -> int:
-    """Decoding passes that drafted decoding takes to produce ``out`` (no window slide), replayed from the output:
-    each pass feeds the drafter's guesses, gains the guesses that match ``out``, and one token more."""
-    draft, done = NgramDraft([*prompt_ids, out[0]], table=table), 1  # out[0] comes from the prompt's pass
-    passes = 0
-    while done < len(out):
-        room = min(draft_tokens, block_size - len(prompt_ids) - done, len(out) - done - 1)
-        guess = draft.propose(room)
-        kept = 0
-        while kept < len(guess) and guess[kept] == out[done + kept]:
-            kept += 1
-        for token in out[done : done + kept + 1]:
-            draft.append(token)
-        done += kept + 1
-        passes += 1
-    return passes
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -4,63 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import POSITIONS, VOCAB, prompt, reference_generate, tiny_model
 
-from gptlit.config import GPTConfig
 from gptlit.generate import generate, generate_stream, sample_next
-from gptlit.model import GPT
-
-POSITIONS = pytest.mark.parametrize("use_rope", [True, False], ids=["rope", "learned"])
-VOCAB = 97
-
-
-def tiny_model(block_size: int = 32, use_rope: bool = True, seed: int = 4) -> GPT:
-    """A tiny GPT pushed far off its init (every parameter, norms included), so that its logits are
-    sharp and its greedy continuations wander instead of repeating one token."""
-    torch.manual_seed(seed)
-    config = GPTConfig(
-        vocab_size=VOCAB, block_size=block_size, embed_dim=32, n_heads=4, n_layers=2, dropout=0.0, use_rope=use_rope
-    )
-    model = GPT(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return model
-
-
-def prompt(length: int, seed: int = 0) -> list[int]:
-    return torch.randint(3, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-@torch.no_grad()
-def reference_generate(
-    model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, seed: int = 0
-) -> list[int]:
-    """Decoding with no KV cache: each step a full causal forward (no input_pos) over the context.
-
-    The context is generate_stream's documented window: it grows to block_size, then restarts from
-    its last block_size // 2 tokens. While the sequence fits in block_size, that is simply
-    ``tokens[:, -block_size:]``. Samples come from sample_next with a generator seeded like generate's.
-    """
-    window, keep = model.config.block_size, max(1, model.config.block_size // 2)
-    assert len(prompt_ids) <= window
-    generator = torch.Generator().manual_seed(seed)
-    tokens, start = torch.tensor([prompt_ids]), 0
-    for _ in range(max_new_tokens):
-        if tokens.size(1) - start > window:
-            start = tokens.size(1) - keep
-        if tokens.size(1) <= window:
-            assert start == 0
-            context = tokens[:, -window:]
-        else:
-            context = tokens[:, start:]
-        logits = model(context)[:, -1]  # (1, V)
-        if temperature == 0:
-            next_id = logits.argmax(dim=-1)
-        else:
-            next_id = sample_next(logits, temperature, generator=generator)
-        tokens = torch.cat((tokens, next_id.view(1, 1)), dim=1)
-    return tokens[0, len(prompt_ids) :].tolist()
-
 
 # KV cache against the uncached reference -----------------------------------------------------------
 

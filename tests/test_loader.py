@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_stories
+from helpers import make_dm, write_stories
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_data import make_dm, prepared, write_corpus  # prepared: a module-scoped fixture
 
 from gptlit.data import ResumableDataLoader, TokenWindows, WindowSampler
 from gptlit.tokenizer import BOS_ID
@@ -164,7 +164,7 @@ def fit(root: Path, max_steps: int, run: str, **kwargs: object) -> tuple[list[to
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[torch.Tensor], int]:
     """80 stories (block 32, batch 16: a few batches an epoch) and the batches of 8 uninterrupted steps."""
     root = tmp_path_factory.mktemp("small")
-    write_corpus(root / "stories.txt", make_stories(80), "txt")
+    write_stories(root / "stories.txt", make_stories(80), "txt")
     full, epoch_length = fit(root, max_steps=8, run="full")
     assert 2 <= epoch_length <= 6  # the 8 steps cross an epoch boundary
     return root, full, epoch_length
@@ -176,6 +176,8 @@ def assert_same_batches(got: list[torch.Tensor], want: list[torch.Tensor]) -> No
         assert torch.equal(a, b), f"batch {step} differs"
 
 
+# Each resumed run writes its checkpoints elsewhere, which Lightning's own ModelCheckpoint warns about.
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
 @pytest.mark.parametrize(
     ("stop", "read_estimated_steps"), [(3, False), ("end_of_epoch", False), (3, True), ("second_epoch", True)]
 )
@@ -202,6 +204,7 @@ def test_reloaded_train_loader_goes_on_with_the_trainer_epoch(small_run: tuple[P
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
 def test_lightning_resume_with_workers(small_run: tuple[Path, list[torch.Tensor], int]) -> None:
     root, full, _ = small_run
     before, _ = fit(root, max_steps=3, run="workers", num_workers=2)

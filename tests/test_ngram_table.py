@@ -7,16 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import make_stories
-from test_draft import CountingForward, expected_passes
+from helpers import CountingForward, expected_passes, tiny_model
 
-from gptlit.config import GPTConfig
 from gptlit.draft import NgramDraft, NgramTable
 from gptlit.generate import generate
-from gptlit.model import GPT
-from gptlit.prepare import bin_path, offsets_path, prepare_dataset
-from gptlit.sources import TXT_SEPARATOR, DataError
+from gptlit.prepare import bin_path, offsets_path
+from gptlit.sources import DataError
 
 
 def test_most_frequent_next_token_of_each_context():
@@ -80,21 +76,20 @@ def test_draft_prefers_the_text_then_the_table_then_one_token_matches():
     assert NgramDraft([9, 2, 3, 1, 9], min_ngram=2, table=table).propose(2) == []
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = tmp_path_factory.mktemp("table-data")
-    text = "".join(f"{story}\n{TXT_SEPARATOR}\n" for story in make_stories(200, seed=3))
-    (data / "stories.txt").write_text(text, encoding="utf-8")
-    prepare_dataset(str(data / "stories.txt"), data / "data", vocab_size=320)
-    return data / "data"
+VOCAB = 400  # of the shared prepared data (conftest.py)
 
 
-def test_from_data_dir_reads_the_training_split(prepared: Path):
-    train = np.fromfile(bin_path(prepared, "train"), dtype=np.uint16)
-    table = NgramTable.from_data_dir(prepared, max_tokens=5000)
-    expected = NgramTable(train[:5000], vocab_size=320)
-    assert table.vocab_size == 320 and table.next == expected.next and len(table.next[3]) > 100
-    assert table.next != NgramTable(train[:2000], vocab_size=320).next
+@pytest.fixture
+def data_dir(prepared: Path) -> Path:
+    return prepared / "data"
+
+
+def test_from_data_dir_reads_the_training_split(data_dir: Path):
+    train = np.fromfile(bin_path(data_dir, "train"), dtype=np.uint16)
+    table = NgramTable.from_data_dir(data_dir, max_tokens=5000)
+    expected = NgramTable(train[:5000], vocab_size=VOCAB)
+    assert table.vocab_size == VOCAB and table.next == expected.next and len(table.next[3]) > 100
+    assert table.next != NgramTable(train[:2000], vocab_size=VOCAB).next
 
 
 def test_from_data_dir_of_an_unprepared_directory(tmp_path: Path):
@@ -102,24 +97,14 @@ def test_from_data_dir_of_an_unprepared_directory(tmp_path: Path):
         NgramTable.from_data_dir(tmp_path)
 
 
-def sharp_model(vocab_size: int) -> GPT:
-    """A small GPT pushed off its init, so that its greedy continuations wander instead of repeating one token."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=64, embed_dim=32, n_heads=4, n_layers=2, dropout=0.0))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return model.eval()
-
-
-def test_from_model_is_the_table_of_the_models_greedy_continuations(prepared: Path, monkeypatch):
-    model = sharp_model(320)
+def test_from_model_is_the_table_of_the_models_greedy_continuations(data_dir: Path, monkeypatch):
+    model = tiny_model(block_size=64, seed=0, vocab_size=VOCAB)
     # 10 stories: a batch of 8 and one of 2
-    table = NgramTable.from_model(model, prepared, stories=10, prompt_tokens=6, max_new_tokens=12, min_count=1)
-    train = np.fromfile(bin_path(prepared, "train"), dtype=np.uint16).astype(np.int64)
-    openings = [train[start : start + 6].tolist() for start in np.load(offsets_path(prepared, "train"))[:10]]
+    table = NgramTable.from_model(model, data_dir, stories=10, prompt_tokens=6, max_new_tokens=12, min_count=1)
+    train = np.fromfile(bin_path(data_dir, "train"), dtype=np.uint16).astype(np.int64)
+    openings = [train[start : start + 6].tolist() for start in np.load(offsets_path(data_dir, "train"))[:10]]
     tokens = [t for ids in openings for t in [*ids, *generate(model, ids, 12, temperature=0, draft_tokens=0)[0]]]
-    assert table.next == NgramTable(np.array(tokens), 320, min_count=1).next
+    assert table.next == NgramTable(np.array(tokens), VOCAB, min_count=1).next
     assert len(tokens) == 10 * 18 and len(table.next[3]) > 50
 
     # Decoding one of those openings again: the table guesses the continuation; same tokens, fewer passes.
@@ -131,19 +116,19 @@ def test_from_model_is_the_table_of_the_models_greedy_continuations(prepared: Pa
     assert expected_passes(openings[3], plain, 8, 64) > 2
 
 
-def test_from_model_bad_arguments(prepared: Path):
-    model = sharp_model(320)
+def test_from_model_bad_arguments(data_dir: Path):
+    model = tiny_model(block_size=64, seed=0, vocab_size=VOCAB)
     for bad in (dict(stories=0), dict(prompt_tokens=0), dict(batch_size=0)):
         with pytest.raises(ValueError, match="must be >= 1"):
-            NgramTable.from_model(model, prepared, **bad)
+            NgramTable.from_model(model, data_dir, **bad)
     with pytest.raises(DataError, match="another tokenizer"):
-        NgramTable.from_model(model, prepared, tokenizer_sha256="0" * 64)
+        NgramTable.from_model(model, data_dir, tokenizer_sha256="0" * 64)
 
 
-def test_from_model_openings_end_with_their_story_and_continuations_at_eos(prepared: Path, monkeypatch):
-    model = sharp_model(320)
-    train = np.fromfile(bin_path(prepared, "train"), dtype=np.uint16).astype(np.int64)
-    starts = np.load(offsets_path(prepared, "train"))[:4].tolist()
+def test_from_model_openings_end_with_their_story_and_continuations_at_eos(data_dir: Path, monkeypatch):
+    model = tiny_model(block_size=64, seed=0, vocab_size=VOCAB)
+    train = np.fromfile(bin_path(data_dir, "train"), dtype=np.uint16).astype(np.int64)
+    starts = np.load(offsets_path(data_dir, "train"))[:4].tolist()
     stories = [train[a:b].tolist() for a, b in itertools.pairwise(starts)]  # the first three
     long = max(len(story) for story in stories) + 5  # longer than any of the first three stories
     decoded: list[list[int]] = []
@@ -155,5 +140,5 @@ def test_from_model_openings_end_with_their_story_and_continuations_at_eos(prepa
         return [[eos - 1] for _ in batch]
 
     monkeypatch.setattr("gptlit.generate.generate", recording)
-    NgramTable.from_model(model, prepared, stories=3, prompt_tokens=long, eos_id=eos, batch_size=2)
+    NgramTable.from_model(model, data_dir, stories=3, prompt_tokens=long, eos_id=eos, batch_size=2)
     assert decoded == stories  # whole stories, none running into the next one

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
-from helpers import run_cli, write_config
+from helpers import run_cli
 
 from gptlit.runs import load_model
 from gptlit.tokenizer import Tokenizer

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import signal
 from pathlib import Path
 
 import lightning as L
@@ -14,17 +12,6 @@ from helpers import MODEL, OPTIM, params, run_cli, scalars, write_config
 
 from gptlit.data import TinyStoriesDataModule
 from gptlit.module import GPTLitModule, lr_factor
-
-
-class InterruptAt(L.Callback):
-    """Sends this process SIGINT (a user's Ctrl-C) at the end of optimizer step ``step``."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_fit_trains_logs_and_checkpoints(workdir: Path) -> None:
@@ -56,7 +43,7 @@ def test_interrupted_run_resumes_to_the_same_parameters(workdir: Path) -> None:
     """Ctrl-C at step 7, then `fit --ckpt_path last` with no config: same weights as a run never stopped."""
     run_cli("fit", "--config", str(write_config(workdir, name="straight")))
     config = write_config(workdir, name="cut")
-    stop = '{"class_path": "test_train.InterruptAt", "init_args": {"step": 7}}'
+    stop = '{"class_path": "probes.InterruptAt", "init_args": {"step": 7}}'
     with pytest.raises(SystemExit) as stopped:
         run_cli("fit", "--config", str(config), f"--trainer.callbacks+={stop}")
     assert stopped.value.code == 130
