@@ -61,6 +61,24 @@ def test_streamed_text_equals_the_decoded_story(in_trained: Path) -> None:
     assert tokenizer.eos_id not in ids and len(ids) <= 50
 
 
+def test_streaming_decodes_each_token_once(in_trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding all ids again for every new token would make a story's streaming quadratic in its length."""
+    from gptlit.sample import write_story
+
+    model, tokenizer = load_model(in_trained / "lightning_logs" / "run" / "checkpoints" / "last.ckpt")
+    decoded: list[list[int]] = []
+    decode = tokenizer.decode
+
+    def counting_decode(ids, **kwargs) -> str:
+        decoded.append(list(ids))
+        return decode(ids, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "decode", counting_decode)
+    out = io.StringIO()
+    new = write_story(model, tokenizer, "Tom", 40, 1.0, None, None, 5, out=out)
+    assert new > 10 and len(decoded) == 1  # once, for what the stream may still hold back at the very end
+
+
 def test_prompt_longer_than_block_size_and_empty_prompt_work(in_trained: Path, capsys) -> None:
     long_prompt = "Lily saw the big red ball in the park and ran to it. " * 10  # > 32 tokens of block_size
     out, _ = sample_out(capsys, "--prompt", long_prompt, "--max_new_tokens", "40", "--seed", "0")
