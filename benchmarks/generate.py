@@ -36,7 +36,7 @@ from gptlit.draft import NgramTable
 from gptlit.export import export
 from gptlit.generate import generate
 from gptlit.model import GPT
-from gptlit.prepare import check_bin, offsets_path, read_meta
+from gptlit.store import check_bin, offsets_path, read_meta
 from gptlit.runs import load_model
 
 PROMPT_TOKENS, PROMPTS = 16, 8

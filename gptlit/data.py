@@ -17,15 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gptlit.errors import DataError
-from gptlit.prepare import (
-    TOKENIZER_FILE,
-    check_bin,
-    offsets_path,
-    prepare_dataset,
-    read_meta,
-    redo_hint,
-    token_dtype,
-)
+from gptlit.prepare import prepare_dataset
+from gptlit.store import TOKENIZER_FILE, check_bin, offsets_path, read_meta, redo_hint, token_dtype
 from gptlit.tokenizer import Tokenizer
 
 __all__ = ["DataError", "ResumableDataLoader", "TinyStoriesDataModule", "TokenWindows", "WindowSampler", "token_dtype"]

@@ -11,15 +11,15 @@ model agrees with, so the output is the greedy output either way.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from gptlit.errors import UsageError
-
-if TYPE_CHECKING:
-    from gptlit.model import GPT
+from gptlit.sampling import CachedDecoding, CausalLM, collect, greedy, sample_stream
+from gptlit.store import offsets_path, training_tokens
 
 
 class NgramTable:
@@ -71,13 +71,13 @@ class NgramTable:
         With ``tokenizer_sha256`` (`Tokenizer.sha256` of the model's tokenizer), a directory tokenized by
         another tokenizer is refused: its ids would name other tokens.
         """
-        tokens, vocab_size = _training_tokens(data_dir, tokenizer_sha256)
+        tokens, vocab_size = training_tokens(data_dir, tokenizer_sha256)
         return cls(tokens[:max_tokens], vocab_size, **kwargs)
 
     @classmethod
     def from_model(
         cls,
-        model: GPT,
+        model: CausalLM,
         data_dir: str | Path,
         stories: int = 256,
         prompt_tokens: int = 16,
@@ -105,22 +105,19 @@ class NgramTable:
             compile: Decode with ``torch.compile`` (see `gptlit.generate.generate`).
             kwargs: ``max_ngram``, ``min_ngram`` and ``min_count`` of the table.
         """
-        from gptlit.generate import generate
-        from gptlit.prepare import offsets_path
-
         if min(stories, prompt_tokens, batch_size) < 1:
             raise UsageError(
                 f"stories, prompt_tokens and batch_size must be >= 1, got {stories}, {prompt_tokens} and {batch_size}"
             )
-        train, _ = _training_tokens(data_dir, tokenizer_sha256)
+        train, _ = training_tokens(data_dir, tokenizer_sha256)
         offsets = np.load(offsets_path(data_dir, "train"), mmap_mode="r")[: stories + 1].tolist()
         starts, ends = offsets[:stories], [*offsets[1:], len(train)][:stories]  # a story ends where the next starts
         openings = [train[a : min(a + prompt_tokens, b)].tolist() for a, b in zip(starts, ends, strict=True)]
         tokens: list[int] = []
         for i in range(0, len(openings), batch_size):
             batch = openings[i : i + batch_size]
-            continuations = generate(model, batch, max_new_tokens, temperature=0, eos_id=eos_id, compile=compile)
-            for opening, new in zip(batch, continuations, strict=True):
+            stream = sample_stream(model, batch, max_new_tokens, temperature=0, eos_id=eos_id, compile=compile)
+            for opening, new in zip(batch, collect(stream, len(batch)), strict=True):
                 tokens += opening + new
         return cls(np.array(tokens, dtype=np.int64), model.config.vocab_size, **kwargs)
 
@@ -198,16 +195,61 @@ class NgramDraft:
         return [self.tokens[start + i % period] for i in range(limit)]
 
 
-def _training_tokens(data_dir: str | Path, tokenizer_sha256: str | None) -> tuple[np.ndarray, int]:
-    """The tokens of a prepared directory's ``train.bin`` (memory-mapped) and its vocabulary size."""
-    from gptlit.errors import DataError
-    from gptlit.prepare import check_bin, read_meta
+def drafted_greedy_stream(
+    model: CausalLM,
+    prompt: list[int],
+    max_new_tokens: int,
+    eos_id: int | None = None,
+    draft_tokens: int = 8,
+    table: NgramTable | None = None,
+    compile: bool = False,
+) -> Iterator[dict[int, int]]:
+    """Greedy decoding of one prompt, checking up to ``draft_tokens`` guessed tokens (`NgramDraft`) in the
+    forward pass of each token; yields ``{0: token}`` for each new token, as `sampling.sample_stream` does.
 
-    meta = read_meta(data_dir)
-    if tokenizer_sha256 is not None and meta["settings"].get("tokenizer_sha256") != tokenizer_sha256:
-        raise DataError(
-            f"{data_dir} was tokenized by another tokenizer than the model's: pass the data directory the "
-            "model was trained on"
-        )
-    path, dtype, count = check_bin(data_dir, meta, "train")
-    return np.memmap(path, dtype=dtype, mode="r", shape=(count,)), meta["vocab_size"]
+    The pass of a token and its guesses gives the model's greedy pick after each of them: the guesses it
+    confirms are the greedy tokens, in the cache already, and the pick after the last of them comes free.
+    """
+    seq, drafts = list(prompt), NgramDraft(prompt, table=table)
+    confirmed: list[int] = []  # guesses the model confirmed, in the cache already, still to be emitted
+    new_count = 0
+    with CachedDecoding(model, 1, compile) as decoding:
+        cur = len(seq)  # tokens known; the cache holds tokens [start:cur] at positions 0..
+        start = decoding.window_start(cur)
+        logits = decoding.prefill([seq], start, cur)  # (1, V)
+        while True:
+            drafted = bool(confirmed)
+            token = confirmed.pop(0) if drafted else int(greedy(logits)[0])
+            seq.append(token)
+            drafts.append(token)
+            cur += 1
+            if token == eos_id:
+                return
+            yield {0: token}
+            new_count += 1
+            if new_count == max_new_tokens:
+                return
+            if drafted:
+                continue  # the pass that confirmed it gave what follows: the next guess, or logits after the last
+            if cur - start > decoding.window:  # no room for token cur - 1: slide the window
+                start = decoding.window_start(cur)
+                logits = decoding.prefill([seq], start, cur)
+                continue
+            # Guesses must fit in the window; past the tokens still wanted they would only cost time.
+            room = min(draft_tokens, decoding.window - (cur - start), max_new_tokens - new_count - 1)
+            logits, confirmed = _check_guesses(decoding, seq[cur - 1], drafts.propose(room), cur - 1 - start)
+
+
+def _check_guesses(decoding: CachedDecoding, last: int, guess: list[int], pos: int) -> tuple[torch.Tensor, list[int]]:
+    """Feed the last token and the guesses after it at cache positions pos..; returns the logits (1, V) after
+    the last accepted token, and the accepted guesses: the longest prefix of the guesses that greedy decoding
+    would itself have produced."""
+    logits = decoding.run([[last, *guess]], pos)  # (1, 1 + len(guess), V)
+    accepted: list[int] = []
+    for token, expected in zip(guess, greedy(logits[0, :-1]).tolist(), strict=True):
+        if token != expected:
+            break
+        accepted.append(token)
+    # Keys and values of rejected guesses stay in the cache past the accepted positions: no query attends
+    # to a position after its own, and the next tokens fed overwrite them.
+    return logits[:, len(accepted)], accepted

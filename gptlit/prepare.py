@@ -20,6 +20,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
 from typing import Any
@@ -28,80 +29,23 @@ import numpy as np
 
 from gptlit.errors import DataError
 from gptlit.sources import StorySource, open_source
+from gptlit.store import (
+    FORMAT_VERSION,
+    META_FILE,
+    SPLITS,
+    TOKENIZER_FILE,
+    bin_path,
+    check_files,
+    offsets_path,
+    read_meta,
+    redo_hint,
+    token_dtype,
+)
 from gptlit.tokenizer import Tokenizer, train_tokenizer
 
-FORMAT_VERSION = 1
-SPLITS = ("train", "val")
-META_FILE, TOKENIZER_FILE = "meta.json", "tokenizer.json"
 TMP_SUFFIX = ".tmp"
 # Stories per encode_batch call: enough work for the Rust thread pool, small enough to keep memory flat.
 ENCODE_BATCH_STORIES = 1024
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The narrowest dtype that holds every id below ``vocab_size``: uint16 up to 65,535 tokens, else uint32."""
-    return np.dtype(np.uint16) if vocab_size <= 65_535 else np.dtype(np.uint32)
-
-
-def bin_path(data_dir: str | Path, split: str) -> Path:
-    return Path(data_dir) / f"{split}.bin"
-
-
-def offsets_path(data_dir: str | Path, split: str) -> Path:
-    return Path(data_dir) / f"{split}_offsets.npy"
-
-
-def redo_hint(data_dir: str | Path) -> str:
-    return f"delete {data_dir} and run `python -m gptlit prepare`"
-
-
-# Reading and checking a prepared directory ---------------------------------------------------------
-
-
-def read_meta(data_dir: str | Path) -> dict[str, Any]:
-    """``meta.json`` of a prepared directory; DataError if it is missing, unreadable or of another format."""
-    path = Path(data_dir) / META_FILE
-    if not path.is_file():
-        raise DataError(f"{path} not found: run `python -m gptlit prepare` (or fit, which prepares first)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path} is unreadable ({err}); {redo_hint(data_dir)}") from err
-    version = meta.get("format_version") if isinstance(meta, dict) else None
-    if version != FORMAT_VERSION:
-        raise DataError(
-            f"{path} has format version {version}, this gptlit reads version {FORMAT_VERSION}; {redo_hint(data_dir)}"
-        )
-    return meta
-
-
-def check_bin(data_dir: str | Path, meta: dict[str, Any], split: str) -> tuple[Path, np.dtype, int]:
-    """Check that ``{split}.bin`` is complete according to ``meta``; returns its path, dtype and token count."""
-    path, dtype = bin_path(data_dir, split), np.dtype(meta["dtype"])
-    if not path.is_file():
-        raise DataError(f"{path} not found; {redo_hint(data_dir)}")
-    size, expected = path.stat().st_size, meta["splits"][split]["tokens"]
-    if size % dtype.itemsize:
-        raise DataError(f"{path} is truncated ({size} bytes, not a whole number of {dtype}); {redo_hint(data_dir)}")
-    if size // dtype.itemsize != expected:
-        raise DataError(
-            f"{path} holds {size // dtype.itemsize} tokens, {META_FILE} says {expected}; {redo_hint(data_dir)}"
-        )
-    return path, dtype, expected
-
-
-def check_files(data_dir: str | Path, meta: dict[str, Any]) -> None:
-    """Check that every file ``meta`` describes is present and complete (cheap: sizes and headers only)."""
-    for split in SPLITS:
-        check_bin(data_dir, meta, split)
-        path = offsets_path(data_dir, split)
-        try:
-            n_offsets = np.load(path, mmap_mode="r").shape[0]
-        except (OSError, ValueError) as err:
-            raise DataError(f"{path} is missing or unreadable ({err}); {redo_hint(data_dir)}") from err
-        if n_offsets != meta["splits"][split]["stories"]:
-            expected = meta["splits"][split]["stories"]
-            raise DataError(f"{path} lists {n_offsets} stories, {META_FILE} says {expected}; {redo_hint(data_dir)}")
 
 
 # Writing -----------------------------------------------------------------------------------------
@@ -281,6 +225,23 @@ def _changed_settings(old_meta: dict[str, Any] | None, settings: dict[str, Any])
     return ", ".join(changed)
 
 
+@dataclass
+class Plan:
+    """What a preparation of ``data_dir`` will do, decided before anything is written."""
+
+    source: str
+    stories: StorySource
+    data_dir: Path
+    tokenizer_file: Path
+    tokenizer: Tokenizer | None  # None: train one, on the first tokenizer_train_stories training stories
+    settings: dict[str, Any]  # recorded in meta.json; a later preparation compares its own with them
+    reason: str  # why it prepares, for the user
+    vocab_size: int | None
+    tokenizer_train_stories: int | None
+    val_fraction: float
+    seed: int
+
+
 def prepare_dataset(
     source: str,
     data_dir: str | Path,
@@ -295,7 +256,25 @@ def prepare_dataset(
     Does nothing when ``data_dir`` already holds a complete set prepared with the same settings. The arguments
     mean what they mean on :class:`gptlit.data.TinyStoriesDataModule`.
     """
-    data_dir = Path(data_dir)
+    plan, meta = plan_preparation(
+        source, Path(data_dir), vocab_size, tokenizer_path, tokenizer_train_stories, val_fraction, seed
+    )
+    if plan is None:
+        _say(f"{data_dir} is up to date (same source, tokenizer and split settings); nothing to do")
+        return meta
+    return carry_out(plan)
+
+
+def plan_preparation(
+    source: str,
+    data_dir: Path,
+    vocab_size: int | None,
+    tokenizer_path: str | None,
+    tokenizer_train_stories: int | None,
+    val_fraction: float,
+    seed: int,
+) -> tuple[Plan | None, dict[str, Any]]:
+    """Decide what to do: ``(None, the existing meta)`` when ``data_dir`` is up to date, else ``(plan, {})``."""
     stories: StorySource = open_source(source)  # resolved, not yet opened: no network, no datasets
     old_meta = _previous_set(data_dir)
     tokenizer_file, trained_with, train_reason = _choose_tokenizer(
@@ -310,59 +289,60 @@ def prepare_dataset(
         "tokenizer_trained_with": trained_with,
     }
     changed = _changed_settings(old_meta, settings)
-    if tokenizer is not None and not changed:
-        _say(f"{data_dir} is up to date (same source, tokenizer and split settings); nothing to do")
-        return old_meta
+    if old_meta is not None and tokenizer is not None and not changed:
+        return None, old_meta
     # Opens the source: fails fast here, before anything is written, when the hub cannot be reached.
     if stories.has_val_split:
         settings["hold_out"] = None  # only a source without a validation split is split by val_fraction and seed
     reason = train_reason or ("no complete earlier preparation" if old_meta is None else f"{changed} changed")
-    _say(f"preparing {data_dir} from {source} ({reason})")
+    plan = Plan(
+        source=source,
+        stories=stories,
+        data_dir=data_dir,
+        tokenizer_file=tokenizer_file,
+        tokenizer=tokenizer,
+        settings=settings,
+        reason=reason,
+        vocab_size=vocab_size,
+        tokenizer_train_stories=tokenizer_train_stories,
+        val_fraction=val_fraction,
+        seed=seed,
+    )
+    return plan, {}
 
+
+def carry_out(plan: Plan) -> dict[str, Any]:
+    """Write the set ``plan`` describes into its directory, atomically (see the module docstring); its meta."""
+    data_dir = plan.data_dir
+    _say(f"preparing {data_dir} from {plan.source} ({plan.reason})")
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise _unwritable(data_dir, err) from err
     try:
-        if tokenizer is None:
-            n = "all" if tokenizer_train_stories is None else f"the first {tokenizer_train_stories:,}"
-            _say(f"training a {vocab_size}-token tokenizer on {n} training stories")
-            texts = (text for split, text in stories.stories(val_fraction, seed) if split == "train")
-            tokenizer = train_tokenizer(islice(texts, tokenizer_train_stories), vocab_size)
-            try:
-                tokenizer.save(data_dir / (TOKENIZER_FILE + TMP_SUFFIX))
-            except Exception as err:  # tokenizers reports a failed write as a bare Exception
-                raise _unwritable(data_dir, err) from err
-            settings["tokenizer_sha256"] = tokenizer.sha256
-        if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        tokenizer = plan.tokenizer or _train_tokenizer(plan)
+        if plan.vocab_size is not None and tokenizer.vocab_size > plan.vocab_size:
             raise DataError(
-                f"{tokenizer_file} has {tokenizer.vocab_size} tokens, more than vocab_size={vocab_size}: "
+                f"{plan.tokenizer_file} has {tokenizer.vocab_size} tokens, more than vocab_size={plan.vocab_size}: "
                 "raise vocab_size or use another tokenizer"
             )
         dtype = token_dtype(tokenizer.vocab_size)
-        counts = write_bins(stories.stories(val_fraction, seed), tokenizer, data_dir, dtype)
+        counts = write_bins(plan.stories.stories(plan.val_fraction, plan.seed), tokenizer, data_dir, dtype)
         for split in SPLITS:
             if counts[split]["stories"] == 0:
                 raise DataError(
-                    f"{source}: no {split} stories (the source is empty after dropping blank stories); "
+                    f"{plan.source}: no {split} stories (the source is empty after dropping blank stories); "
                     "point --data.source at a corpus of at least two stories"
                 )
         meta = {
             "format_version": FORMAT_VERSION,
             "dtype": dtype.name,
             "vocab_size": tokenizer.vocab_size,
-            "tokenizer_file": str(tokenizer_file),
-            "settings": settings,
+            "tokenizer_file": str(plan.tokenizer_file),
+            "settings": {**plan.settings, "tokenizer_sha256": tokenizer.sha256},
             "splits": counts,
         }
-        (data_dir / (META_FILE + TMP_SUFFIX)).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        # Commit: without meta.json nothing below is accepted, so a kill between these lines leaves no set.
-        with contextlib.suppress(FileNotFoundError):
-            (data_dir / META_FILE).unlink()
-        names = [f"{s}.bin" for s in SPLITS] + [offsets_path(data_dir, s).name for s in SPLITS]
-        if train_reason is not None:
-            names.append(TOKENIZER_FILE)
-        _rename_into_place(data_dir, [*names, META_FILE])
+        _commit(data_dir, meta, with_tokenizer=plan.tokenizer is None)
     except OSError as err:
         if isinstance(err.filename, str) and data_dir not in Path(err.filename).parents:
             raise  # not one of data_dir's files: reading the source failed
@@ -372,3 +352,32 @@ def prepare_dataset(
     splits = ", ".join(f"{s} {c['tokens']:,} tokens in {c['stories']:,} stories" for s, c in counts.items())
     _say(f"wrote {data_dir}: {splits}")
     return meta
+
+
+def _train_tokenizer(plan: Plan) -> Tokenizer:
+    """Train the plan's tokenizer on its first training stories and write it, as a temporary, into the set."""
+    n = "all" if plan.tokenizer_train_stories is None else f"the first {plan.tokenizer_train_stories:,}"
+    _say(f"training a {plan.vocab_size}-token tokenizer on {n} training stories")
+    texts = (text for split, text in plan.stories.stories(plan.val_fraction, plan.seed) if split == "train")
+    assert plan.vocab_size is not None  # _choose_tokenizer trains one only for a given size
+    tokenizer = train_tokenizer(islice(texts, plan.tokenizer_train_stories), plan.vocab_size)
+    try:
+        tokenizer.save(plan.data_dir / (TOKENIZER_FILE + TMP_SUFFIX))
+    except Exception as err:  # tokenizers reports a failed write as a bare Exception
+        raise _unwritable(plan.data_dir, err) from err
+    return tokenizer
+
+
+def _commit(data_dir: Path, meta: dict[str, Any], with_tokenizer: bool) -> None:
+    """Put the written temporaries in place, ``meta.json`` last.
+
+    Without meta.json nothing is accepted, so it is removed first: a kill at any point leaves the previous
+    complete set (before the removal), the new one (after the last rename), or none.
+    """
+    (data_dir / (META_FILE + TMP_SUFFIX)).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    with contextlib.suppress(FileNotFoundError):
+        (data_dir / META_FILE).unlink()
+    names = [f"{s}.bin" for s in SPLITS] + [offsets_path(data_dir, s).name for s in SPLITS]
+    if with_tokenizer:
+        names.append(TOKENIZER_FILE)
+    _rename_into_place(data_dir, [*names, META_FILE])

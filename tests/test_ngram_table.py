@@ -11,8 +11,8 @@ from helpers import CountingForward, expected_passes, tiny_model
 
 from gptlit.draft import NgramDraft, NgramTable
 from gptlit.generate import generate
-from gptlit.prepare import bin_path, offsets_path
 from gptlit.sources import DataError
+from gptlit.store import bin_path, offsets_path
 
 
 def test_most_frequent_next_token_of_each_context():
@@ -134,11 +134,11 @@ def test_from_model_openings_end_with_their_story_and_continuations_at_eos(data_
     decoded: list[list[int]] = []
     eos = 7
 
-    def recording(model, batch, max_new_tokens, **options):
+    def recording(model, batch, max_new_tokens, **options):  # the decoding loop from_model runs
         assert options["eos_id"] == eos and options["temperature"] == 0
         decoded.extend(batch)
-        return [[eos - 1] for _ in batch]
+        yield dict.fromkeys(range(len(batch)), eos - 1)
 
-    monkeypatch.setattr("gptlit.generate.generate", recording)
+    monkeypatch.setattr("gptlit.draft.sample_stream", recording)
     NgramTable.from_model(model, data_dir, stories=3, prompt_tokens=long, eos_id=eos, batch_size=2)
     assert decoded == stories  # whole stories, none running into the next one

@@ -1,0 +1,105 @@
+"""The token store: the files of a prepared data directory, how they are named, typed, described and checked.
+
+A prepared data directory holds
+
+    tokenizer.json                      the byte-level BPE tokenizer (absent when ``tokenizer_path`` names one)
+    train.bin, val.bin                  every story as ``<bos> story <eos>``, concatenated: a raw array of
+                                        uint16 ids (uint32 above 65,535), readable with ``np.memmap``
+    train_offsets.npy, val_offsets.npy  int64 start of each story in its ``.bin``
+    meta.json                           written last: describes the files above and the settings behind them
+
+`gptlit.prepare` writes it; `gptlit.data` and `gptlit.draft` read it, through the functions here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gptlit.errors import DataError
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+META_FILE, TOKENIZER_FILE = "meta.json", "tokenizer.json"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest dtype that holds every id below ``vocab_size``: uint16 up to 65,535 tokens, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 65_535 else np.dtype(np.uint32)
+
+
+def bin_path(data_dir: str | Path, split: str) -> Path:
+    return Path(data_dir) / f"{split}.bin"
+
+
+def offsets_path(data_dir: str | Path, split: str) -> Path:
+    return Path(data_dir) / f"{split}_offsets.npy"
+
+
+def redo_hint(data_dir: str | Path) -> str:
+    return f"delete {data_dir} and run `python -m gptlit prepare`"
+
+
+def read_meta(data_dir: str | Path) -> dict[str, Any]:
+    """``meta.json`` of a prepared directory; DataError if it is missing, unreadable or of another format."""
+    path = Path(data_dir) / META_FILE
+    if not path.is_file():
+        raise DataError(f"{path} not found: run `python -m gptlit prepare` (or fit, which prepares first)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} is unreadable ({err}); {redo_hint(data_dir)}") from err
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise DataError(
+            f"{path} has format version {version}, this gptlit reads version {FORMAT_VERSION}; {redo_hint(data_dir)}"
+        )
+    return meta
+
+
+def check_bin(data_dir: str | Path, meta: dict[str, Any], split: str) -> tuple[Path, np.dtype, int]:
+    """Check that ``{split}.bin`` is complete according to ``meta``; returns its path, dtype and token count."""
+    path, dtype = bin_path(data_dir, split), np.dtype(meta["dtype"])
+    if not path.is_file():
+        raise DataError(f"{path} not found; {redo_hint(data_dir)}")
+    size, expected = path.stat().st_size, meta["splits"][split]["tokens"]
+    if size % dtype.itemsize:
+        raise DataError(f"{path} is truncated ({size} bytes, not a whole number of {dtype}); {redo_hint(data_dir)}")
+    if size // dtype.itemsize != expected:
+        raise DataError(
+            f"{path} holds {size // dtype.itemsize} tokens, {META_FILE} says {expected}; {redo_hint(data_dir)}"
+        )
+    return path, dtype, expected
+
+
+def check_files(data_dir: str | Path, meta: dict[str, Any]) -> None:
+    """Check that every file ``meta`` describes is present and complete (cheap: sizes and headers only)."""
+    for split in SPLITS:
+        check_bin(data_dir, meta, split)
+        path = offsets_path(data_dir, split)
+        try:
+            n_offsets = np.load(path, mmap_mode="r").shape[0]
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path} is missing or unreadable ({err}); {redo_hint(data_dir)}") from err
+        if n_offsets != meta["splits"][split]["stories"]:
+            expected = meta["splits"][split]["stories"]
+            raise DataError(f"{path} lists {n_offsets} stories, {META_FILE} says {expected}; {redo_hint(data_dir)}")
+
+
+def training_tokens(data_dir: str | Path, tokenizer_sha256: str | None = None) -> tuple[np.ndarray, int]:
+    """The tokens of a prepared directory's ``train.bin`` (memory-mapped) and its vocabulary size.
+
+    With ``tokenizer_sha256`` (`Tokenizer.sha256` of a model's tokenizer), a directory tokenized by another
+    tokenizer is refused: its ids would name other tokens.
+    """
+    meta = read_meta(data_dir)
+    if tokenizer_sha256 is not None and meta["settings"].get("tokenizer_sha256") != tokenizer_sha256:
+        raise DataError(
+            f"{data_dir} was tokenized by another tokenizer than the model's: pass the data directory the "
+            "model was trained on"
+        )
+    path, dtype, count = check_bin(data_dir, meta, "train")
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,)), meta["vocab_size"]
