@@ -36,8 +36,8 @@ from gptlit.draft import NgramTable
 from gptlit.export import export
 from gptlit.generate import generate
 from gptlit.model import GPT
-from gptlit.store import check_bin, offsets_path, read_meta
 from gptlit.runs import load_model
+from gptlit.store import check_bin, offsets_path, read_meta
 
 PROMPT_TOKENS, PROMPTS = 16, 8
 MODEL_TABLE_STORIES = 256  # training-story openings the model's own table is decoded from

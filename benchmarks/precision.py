@@ -23,6 +23,7 @@ import lightning as L
 from common import machine, markdown_table, write_section
 from train import CORPUS, SHAPES
 
+from gptlit.config import GPTConfig
 from gptlit.data import TinyStoriesDataModule
 from gptlit.module import GPTLitModule
 
@@ -37,7 +38,7 @@ class LossLog(L.Callback):
 
 def train(precision: str, steps: int, data: TinyStoriesDataModule, work: str) -> tuple[list[float], float, float]:
     L.seed_everything(1337, verbose=False)
-    module = GPTLitModule(**SHAPES["tiny"], dropout=0.0, learning_rate=1e-3, min_lr=1e-4, warmup=0.05)
+    module = GPTLitModule(GPTConfig(**SHAPES["tiny"], dropout=0.0), learning_rate=1e-3, min_lr=1e-4, warmup=0.05)
     log = LossLog()
     trainer = L.Trainer(
         accelerator="cpu",

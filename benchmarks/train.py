@@ -1,6 +1,7 @@
-"""Training throughput: gptlit through the Lightning Trainer, the same model in a plain loop, litgpt, GPT-NeoX.
+"""Training throughput: gptlit through the Lightning Trainer, the same model in a plain loop, litgpt, transformers.
 
     python benchmarks/train.py --config tiny --precision 32 bf16
+    python benchmarks/train.py --config tiny --arch llama --precision 32   # against litgpt and transformers Llama
     python benchmarks/train.py --config small --precision bf16 --compile   # on a GPU: --device cuda (default there)
 
 Every variant trains the same architecture on the same batches (TinyStories windows) with the same AdamW
@@ -35,9 +36,10 @@ from common import interleaved, machine, markdown_table, matmul_peak, write_sect
 
 from gptlit.config import GPTConfig
 from gptlit.data import TinyStoriesDataModule
-from gptlit.hf_mapping import neox_config_dict
+from gptlit.hf_mapping import ARCHITECTURES, hf_config_dict, hf_model_type
 from gptlit.model import GPT
-from gptlit.module import GPTLitModule, build_optimizer
+from gptlit.module import GPTLitModule
+from gptlit.optim import build_adamw
 from gptlit.rope import split_and_rotate
 
 ROOT = Path(__file__).parents[1]
@@ -46,13 +48,17 @@ SHAPES = {
     "tiny": {"vocab_size": 4096, "block_size": 256, "embed_dim": 256, "n_heads": 4, "n_layers": 4},
     "small": {"vocab_size": 8000, "block_size": 256, "embed_dim": 512, "n_heads": 8, "n_layers": 6},
 }
+# The architectures compared: GPT-NeoX-like (gptlit's default) and Llama-like, each against its own peers.
+ARCHS = {"neox": {}, "llama": {"norm_type": "rmsnorm", "mlp": "swiglu", "bias": False}}
 LR, WEIGHT_DECAY, BETAS, CLIP = 1e-3, 0.1, (0.9, 0.95), 1.0
 
 
 def litgpt_model(config: GPTConfig) -> torch.nn.Module:
+    """litgpt's GPT of the same shape: its GPT-NeoX-like or its Llama-like configuration."""
     from litgpt.config import Config
     from litgpt.model import GPT as LitGPT
 
+    llama = config.mlp == "swiglu"
     return LitGPT(
         Config(
             name="gptlit-shape",
@@ -61,26 +67,29 @@ def litgpt_model(config: GPTConfig) -> torch.nn.Module:
             padded_vocab_size=config.vocab_size,
             n_layer=config.n_layers,
             n_head=config.n_heads,
+            n_query_groups=config.kv_heads,
             n_embd=config.embed_dim,
-            bias=True,
+            bias=config.bias,
             parallel_residual=False,
             rotary_percentage=1.0,
-            norm_class_name="LayerNorm",
-            mlp_class_name="GptNeoxMLP",
-            intermediate_size=4 * config.embed_dim,
+            norm_class_name="RMSNorm" if llama else "LayerNorm",
+            mlp_class_name="LLaMAMLP" if llama else "GptNeoxMLP",
+            intermediate_size=config.hidden_size,
         )
     )
 
 
-class NeoXLogits(torch.nn.Module):
-    """transformers' GPTNeoXForCausalLM with the gptlit shape, returning plain logits."""
+class HFLogits(torch.nn.Module):
+    """The transformers model that is exactly ``config`` (GPTNeoXForCausalLM, LlamaForCausalLM), returning
+    plain logits."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-        fields = {k: v for k, v in neox_config_dict(config).items() if k not in ("architectures", "model_type")}
-        self.model = GPTNeoXForCausalLM(GPTNeoXConfig(**fields, attn_implementation="sdpa"))
+        fields = {k: v for k, v in hf_config_dict(config).items() if k not in ("architectures", "model_type")}
+        hf_config = AutoConfig.for_model(hf_model_type(config), **fields, attn_implementation="sdpa")
+        self.model = AutoModelForCausalLM.from_config(hf_config)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx, use_cache=False).logits
@@ -106,7 +115,7 @@ def plain_loop(
 
     if compile:
         loss_fn = torch.compile(loss_fn)
-    optimizer = build_optimizer(model, LR, WEIGHT_DECAY, BETAS) if isinstance(model, GPT) else None
+    optimizer = build_adamw(model, LR, WEIGHT_DECAY, BETAS) if isinstance(model, GPT) else None
     if optimizer is None:  # other models: the same decay rule, by parameter shape
         params = list(model.parameters())
         groups = [
@@ -192,6 +201,7 @@ def trainer_loop(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="neox", help="gptlit's default, or Llama-like")
     parser.add_argument("--precision", nargs="+", choices=["32", "bf16"], default=["32", "bf16"])
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per round")
@@ -205,7 +215,8 @@ def main() -> None:
         parser.error("--device cuda: this torch sees no CUDA device; run on a GPU machine or pass --device cpu")
     torch.manual_seed(0)
     shape = SHAPES[args.config]
-    config = GPTConfig(**shape, dropout=0.0)
+    config = GPTConfig(**shape, **ARCHS[args.arch], dropout=0.0)
+    peer = f"transformers {ARCHITECTURES[hf_model_type(config)].removesuffix('ForCausalLM')}"
 
     work = tempfile.mkdtemp(prefix="gptlit-bench-")
     data = TinyStoriesDataModule(
@@ -227,24 +238,33 @@ def main() -> None:
     for precision in args.precision:
         bf16 = precision == "bf16"
         loop = functools.partial(plain_loop, batches=batches, bf16=bf16, steps=args.steps, device=device)
-        trainer = trainer_loop(GPTLitModule(**shape, dropout=0.0), data, bf16, args.steps, work, device)
+        trainer = trainer_loop(GPTLitModule(config), data, bf16, args.steps, work, device)
         runners = {
             "gptlit fit (Trainer)": trainer,
             "gptlit plain loop": loop(GPT(config)),
             "gptlit plain loop, autograd rope": autograd_rope(loop(GPT(config))),
             "litgpt GPT": loop(litgpt_model(config)),
-            "transformers GPTNeoX": loop(NeoXLogits(config)),
+            peer: loop(HFLogits(config)),
         }
         if args.compile:
             runners["gptlit compiled"] = loop(GPT(config), compile=True)
         with contextlib.redirect_stdout(sys.stderr):
             rates = interleaved(runners, args.rounds)
-        best_peer = max(rates["litgpt GPT"], rates["transformers GPTNeoX"])
+        best_peer = max(rates["litgpt GPT"], rates[peer])
         for name, rate in rates.items():
             mfu = flops_per_token * rate / peaks[precision]
-            rows.append([args.config, precision, name, f"{rate:,.0f}", f"{rate / best_peer:.2f}", f"{100 * mfu:.1f}%"])
+            rows.append(
+                [
+                    f"{args.config} {args.arch}",
+                    precision,
+                    name,
+                    f"{rate:,.0f}",
+                    f"{rate / best_peer:.2f}",
+                    f"{100 * mfu:.1f}%",
+                ]
+            )
         body.append(
-            f"- {args.config} {precision}: Trainer / plain loop = "
+            f"- {args.config} {args.arch} {precision}: Trainer / plain loop = "
             f"{rates['gptlit fit (Trainer)'] / rates['gptlit plain loop']:.3f}; "
             f"gptlit plain / best peer = {rates['gptlit plain loop'] / best_peer:.3f}; RotaryQKV's gain = "
             f"{rates['gptlit plain loop'] / rates['gptlit plain loop, autograd rope']:.3f}"
@@ -252,12 +272,12 @@ def main() -> None:
     table = markdown_table(["config", "precision", "variant", "tokens/s", "vs best peer", "MFU"], rows)
     peak_line = f"Matmul peaks (2048²): fp32 {peaks['32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s."
     report = (
-        f"`python benchmarks/train.py --config {args.config} --precision {' '.join(args.precision)}"
+        f"`python benchmarks/train.py --config {args.config} --arch {args.arch} --precision {' '.join(args.precision)}"
         f"{' --compile' if args.compile else ''}`, batch {args.batch_size} x {shape['block_size']}, "
         f"{args.rounds} interleaved rounds of {args.steps} steps (median).\n"
         f"Machine: {machine()}.\n\n{table}\n\n{peak_line}\n" + "\n".join(body)
     )
-    title = f"Training throughput: {args.config}"
+    title = f"Training throughput: {args.config}" + ("" if args.arch == "neox" else f", {args.arch}")
     if device == "cuda":
         report += f"\n- SDPA's flash attention kernel runs this model's bf16 step: {flash_attention_runs(config)}"
         title += f", {torch.cuda.get_device_name()}"

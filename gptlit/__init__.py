@@ -19,7 +19,7 @@ from typing import Any
 
 from gptlit.config import GPTConfig
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # name -> the module that defines it
 _PUBLIC = {

@@ -7,16 +7,22 @@ weights are the ``state_dict`` entries under ``model.``.
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gptlit.config import GPTConfig
 from gptlit.errors import MissingFileError, UsageError
 
-CHECKPOINT_FORMAT = 1
+# 1: gptlit 0.1.0. 2: the model variants (mlp, mlp_hidden, n_kv_heads, qk_norm, tie_embeddings), and the
+# module's hyperparameters with the model's shape nested under "config".
+CHECKPOINT_FORMAT = 2
 MODEL_PREFIX = "model."
+# What the fields added in format 2 meant in format 1: a GPT-NeoX-like model.
+FORMAT_1_MEANING = {"mlp": "gelu", "mlp_hidden": None, "n_kv_heads": None, "qk_norm": False, "tie_embeddings": True}
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -55,8 +61,23 @@ def migrate_checkpoint(checkpoint: dict[str, Any], path: str | Path = "the check
             f"{path} is of checkpoint format {version}, newer than this gptlit reads ({CHECKPOINT_FORMAT}); "
             "upgrade gptlit (pip install -U gptlit) to load it"
         )
+    if version == 1:
+        saved["config"] = {**FORMAT_1_MEANING, **saved.get("config", {})}
+        if isinstance(checkpoint.get("hyper_parameters"), dict):
+            checkpoint["hyper_parameters"] = nest_model_config(checkpoint["hyper_parameters"])
     saved["format"] = CHECKPOINT_FORMAT
     return checkpoint
+
+
+def nest_model_config(settings: dict[str, Any]) -> dict[str, Any]:
+    """gptlit 0.1.0's flat ``model`` settings with the model's shape moved under ``config`` (a new dict)."""
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    flat = {k: v for k, v in settings.items() if k != "peak_flops"}  # gone: ThroughputMonitor measures MFU
+    nested = {k: v for k, v in flat.items() if k not in fields}
+    shape = {k: v for k, v in flat.items() if k in fields}
+    if shape:
+        nested["config"] = {**shape, **(flat.get("config") or {})}
+    return nested
 
 
 def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:

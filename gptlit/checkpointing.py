@@ -73,6 +73,13 @@ class LastCheckpoint(L.Callback):
         if trainer.global_step % self.every_n_train_steps == 0 or last_step:
             self._save_if_behind(trainer)
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Validation of the step just saved: save it again, so that the checkpoint carries its figures
+        # (the model card of an export shows them).
+        if self._staged is not None and self._saved_step == trainer.global_step and not trainer.sanity_checking:
+            self._saved_step = None
+            self._save_if_behind(trainer)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save_if_behind(trainer)  # a run that ended otherwise (max_epochs, max_time)
         self._commit(trainer)

@@ -29,7 +29,14 @@ from gptlit.export import export
 from gptlit.lightning_private import KeepConfigOverCheckpoint
 from gptlit.module import GPTLitModule
 from gptlit.run_config import SaveRunConfig, command_options, is_rank_zero, migrated_config_args
-from gptlit.runs import CHECKPOINT_ALIASES, check_same_shape, latest_run, resolve_checkpoint, run_dir
+from gptlit.runs import (
+    CHECKPOINT_ALIASES,
+    check_same_optimizer,
+    check_same_shape,
+    latest_run,
+    resolve_checkpoint,
+    run_dir,
+)
 from gptlit.sample import sample
 from gptlit.stopping import GracefulStop
 
@@ -94,8 +101,8 @@ class GPTLitCLI(KeepConfigOverCheckpoint, LightningCLI):
         )
         parser.add_argument("--overwrite", type=bool, default=False, help="Replace an existing run of this name")
         parser.add_lightning_class_args(LastCheckpoint, "checkpoint")
-        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
-        parser.link_arguments("model.block_size", "data.block_size")
+        parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
+        parser.link_arguments("model.config.block_size", "data.block_size")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -111,7 +118,9 @@ class GPTLitCLI(KeepConfigOverCheckpoint, LightningCLI):
         if ckpt_path is not None:
             path = resolve_checkpoint(ckpt_path, self.run_dir)
             checkpoint = read_checkpoint(path)
-            check_same_shape(checkpoint, dict(config.model), path, data_vocab_size=config.data.vocab_size)
+            check_same_shape(checkpoint, dict(config.model.config), path, data_vocab_size=config.data.vocab_size)
+            if self.subcommand == "fit":
+                check_same_optimizer(checkpoint, config.model.optimizer, path)
             self.resume_step = checkpoint.get("global_step", 0)
             config.ckpt_path = str(path)
             if config.get("weights_only") is None:

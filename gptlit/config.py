@@ -1,30 +1,46 @@
-"""The model's hyperparameters, in one small dataclass."""
+"""The model's shape, in one small dataclass: every model option is declared here, once.
+
+`GPTLitModule` takes a `GPTConfig` (``model.config`` in YAML and on the command line), and a checkpoint
+carries it. A new variant is a field here, its code in `gptlit/model.py`, and its export mapping in
+`gptlit/hf_mapping.py`.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 from gptlit.errors import ConfigError
 
 NormType = Literal["layernorm", "rmsnorm"]
+MLPType = Literal["gelu", "swiglu", "relu2"]
+# SwiGLU's default hidden width, 8/3 of embed_dim, is rounded up to a multiple of this (as llama2.c does).
+SWIGLU_MULTIPLE = 32
 
 
-@dataclass
+@dataclass(frozen=True)
 class GPTConfig:
     """Shape of a GPT.
 
     Args:
-        vocab_size: Number of token ids the model reads and predicts.
+        vocab_size: Number of token ids the model reads and predicts (linked from data.vocab_size by the CLI).
         block_size: Longest sequence the model is trained on (its context length).
         embed_dim: Width of the residual stream.
-        n_heads: Attention heads per layer; ``embed_dim`` must divide evenly among them.
+        n_heads: Query heads per layer; embed_dim must divide evenly among them.
         n_layers: Transformer blocks.
         dropout: Dropout on attention weights and residual branches during training.
-        use_rope: Rotary position embeddings when True, learned absolute positions when False.
-        norm_type: ``"layernorm"`` or ``"rmsnorm"``.
-        bias: Biases in linear layers and LayerNorm.
+        use_rope: Rotary position embeddings when true, learned absolute positions when false.
+        norm_type: ``layernorm`` or ``rmsnorm``.
+        bias: Biases in the linear layers and LayerNorms.
         rope_base: Base of the RoPE frequencies.
+        mlp: ``gelu`` (GPT-2), ``swiglu`` (gated SiLU, Llama) or ``relu2`` (squared ReLU).
+        mlp_hidden: Hidden width of the MLP; null: 4 * embed_dim for gelu and relu2, and for swiglu
+            8/3 * embed_dim rounded up to a multiple of 32 (the same parameter count as 4 * embed_dim ungated).
+        n_kv_heads: Key/value heads, shared by groups of query heads (grouped-query attention; 1 is multi-query);
+            null: n_heads. The KV cache holds n_kv_heads heads.
+        qk_norm: RMSNorm of each head's queries and keys before RoPE (Qwen3).
+        tie_embeddings: One matrix embeds tokens and predicts them (true), or the head has its own (false).
     """
 
     vocab_size: int = 8000
@@ -37,21 +53,34 @@ class GPTConfig:
     norm_type: NormType = "layernorm"
     bias: bool = True
     rope_base: float = 10000.0
+    mlp: MLPType = "gelu"
+    mlp_hidden: int | None = None
+    n_kv_heads: int | None = None
+    qk_norm: bool = False
+    tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "embed_dim", "n_heads", "n_layers"):
+        for name in ("vocab_size", "block_size", "embed_dim", "n_heads", "n_layers", "mlp_hidden", "n_kv_heads"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if value is None and name in ("mlp_hidden", "n_kv_heads"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.embed_dim % self.n_heads:
             raise ConfigError(f"GPTConfig.embed_dim ({self.embed_dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(
+                f"GPTConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}): "
+                "each key/value head serves a group of query heads"
+            )
         if self.use_rope and self.head_size % 2:
             raise ConfigError(
                 f"GPTConfig: RoPE needs an even head size, got embed_dim/n_heads = {self.head_size}; "
                 "change embed_dim or n_heads, or set use_rope=False"
             )
-        if self.norm_type not in ("layernorm", "rmsnorm"):
-            raise ConfigError(f"GPTConfig.norm_type must be 'layernorm' or 'rmsnorm', got {self.norm_type!r}")
+        for name, allowed in (("norm_type", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu", "relu2"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"GPTConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.rope_base <= 0:
@@ -60,6 +89,20 @@ class GPTConfig:
     @property
     def head_size(self) -> int:
         return self.embed_dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_heads, or n_heads when it is null."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden_size(self) -> int:
+        """The MLP's hidden width (see ``mlp_hidden``)."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":
+            return SWIGLU_MULTIPLE * math.ceil(8 * self.embed_dim / 3 / SWIGLU_MULTIPLE)
+        return 4 * self.embed_dim
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,4 +1,5 @@
-"""``python -m gptlit export``: a checkpoint as a Hugging Face ``GPTNeoXForCausalLM`` directory.
+"""``python -m gptlit export``: a checkpoint as a Hugging Face transformers directory, of the architecture that is
+exactly the model (`gptlit.hf_mapping`: GPT-NeoX, GPT-2, Llama or Qwen3), with a short model card.
 
 The directory loads with ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``
 without gptlit installed.
@@ -15,8 +16,9 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 
+from gptlit.checkpoint import read_checkpoint
 from gptlit.errors import UsageError
-from gptlit.hf_mapping import neox_config_dict, to_neox_state_dict
+from gptlit.hf_mapping import ARCHITECTURES, hf_config_dict, hf_model_type, to_hf_state_dict
 from gptlit.runs import find_checkpoint, load_model
 from gptlit.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN
 
@@ -25,10 +27,10 @@ def write_hf_dir(model, tokenizer, out_dir: Path) -> None:
     """Write config, weights (safetensors) and tokenizer files of ``model`` into ``out_dir``."""
     config = model.config
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
-    hf_config = neox_config_dict(config, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    hf_config = hf_config_dict(config, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
     (out_dir / "generation_config.json").write_text(json.dumps(ids, indent=2))
-    weights = to_neox_state_dict(model.state_dict(), config)
+    weights = to_hf_state_dict(model.state_dict(), config)
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     bos_first = HFTokenizer.from_str(tokenizer.to_str())
     # gptlit reads a prompt as <bos> + text, as the model was trained: so does the exported tokenizer.
@@ -56,7 +58,8 @@ def export(
     run_name: str | None = None,
     root_dir: str = ".",
 ) -> None:
-    """Export a checkpoint to a Hugging Face transformers directory (GPT-NeoX architecture).
+    """Export a checkpoint to a Hugging Face transformers directory (GPT-NeoX, GPT-2, Llama or Qwen3, whichever
+    is exactly the model; other variants are refused).
 
     Args:
         ckpt_path: A ``.ckpt`` file, or ``last`` / ``best`` of a run (the most recent run unless --run_name).
@@ -70,14 +73,45 @@ def export(
         raise UsageError(f"{target} exists and is not empty; choose another --out_dir or pass --overwrite true")
     path = find_checkpoint(ckpt_path, root_dir, run_name)
     model, tokenizer = load_model(path)
+    architecture = ARCHITECTURES[hf_model_type(model.config)]  # refuses a variant no architecture is, first
     target.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed into place: an interrupted export leaves no half directory.
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         write_hf_dir(model, tokenizer, staging)
+        (staging / "README.md").write_text(model_card(read_checkpoint(path), model.config, architecture))
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"exported {path} to {target} (GPTNeoXForCausalLM)")
+    print(f"exported {path} to {target} ({architecture})")
+
+
+def model_card(checkpoint: dict, config, architecture: str) -> str:
+    """A short README.md: what the model is, how far it was trained, how to load it."""
+    metrics = dict(checkpoint["gptlit"].get("metrics") or {})
+    if not metrics:  # saved before its run's first validation ended: the best one, as best.ckpt's state has it
+        best = [s for key, s in checkpoint.get("callbacks", {}).items() if key.startswith("ModelCheckpoint")]
+        if best and best[0].get("best_model_score") is not None:
+            metrics[f"{best[0]['monitor']} (best)"] = float(best[0]["best_model_score"])
+    scores = ", ".join(f"{name} {value:.4f}" for name, value in sorted(metrics.items())) or "not recorded"
+    fields = "\n".join(f"| {name} | {value} |" for name, value in config.to_dict().items())
+    return f"""# A gptlit model
+
+A {architecture} exported by gptlit,
+trained for {checkpoint.get("global_step", 0):,} optimizer steps.
+Last validation: {scores} (bpb: bits per byte of text, comparable across tokenizers).
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+model = AutoModelForCausalLM.from_pretrained(".")  # this directory
+tokenizer = AutoTokenizer.from_pretrained(".")  # adds <bos> first, as the model was trained
+print(pipeline("text-generation", model=model, tokenizer=tokenizer)("Once upon a time", max_new_tokens=100)[0])
+```
+
+| gptlit config | value |
+| --- | --- |
+{fields}
+"""

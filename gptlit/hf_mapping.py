@@ -1,122 +1,243 @@
-"""Weight and config mapping between gptlit's GPT and Hugging Face's GPTNeoXForCausalLM.
+"""gptlit's GPT as the transformers architecture that is exactly it: configs and weights, both ways.
 
-A RoPE + LayerNorm gptlit model is a GPT-NeoX with rotary on every channel (``partial_rotary_factor=1``),
-sequential residuals (``use_parallel_residual=False``) and tied embeddings. The one real difference is
-the fused QKV layout: gptlit stacks [q; k; v] (each embed_dim rows), GPT-NeoX interleaves per head
-[q_h; k_h; v_h] (each head_size rows). No transformers import is needed here.
+| gptlit variant                                                         | transformers          |
+| RoPE, LayerNorm, gelu or relu2 MLP, n_kv_heads = n_heads, no qk_norm    | GPTNeoXForCausalLM    |
+| learned positions, LayerNorm, gelu or relu2, n_kv_heads = n_heads, ...  | GPT2LMHeadModel       |
+| RoPE, RMSNorm, swiglu, any n_kv_heads, no qk_norm                       | LlamaForCausalLM      |
+| RoPE, RMSNorm, swiglu, any n_kv_heads, qk_norm, bias=false              | Qwen3ForCausalLM      |
+
+Tied or untied head, with or without biases (a bias the transformers model has and gptlit lacks is exported
+as zeros: the same function). gptlit's rotary layout (rotate-half) is theirs. The differences are layouts:
+gptlit fuses [q; k; v] and [gate; up] into one matrix each, GPT-NeoX interleaves q, k, v per head, GPT-2
+stores its linear weights transposed (Conv1D). No transformers import is needed here.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 from gptlit.config import GPTConfig
 from gptlit.errors import UsageError
 
+EXPORTABLE = (
+    "RoPE + LayerNorm + gelu/relu2 MLP + n_kv_heads = n_heads (GPT-NeoX); learned positions + LayerNorm + "
+    "gelu/relu2 + n_kv_heads = n_heads (GPT-2); RoPE + RMSNorm + swiglu (Llama), with qk_norm and bias false (Qwen3)"
+)
+ARCHITECTURES = {
+    "gpt_neox": "GPTNeoXForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 
-def check_neox_compatible(config: GPTConfig) -> None:
-    """Raise UsageError (a ValueError) naming the option when a config has no faithful GPT-NeoX equivalent."""
-    if not config.use_rope:
-        raise UsageError("use_rope=False (learned positions) has no GPT-NeoX equivalent; cannot convert")
-    if config.norm_type != "layernorm":
-        raise UsageError(f"norm_type={config.norm_type!r} has no GPT-NeoX equivalent (needs 'layernorm')")
-    if not config.bias:
-        raise UsageError("bias=False has no GPT-NeoX equivalent (its LayerNorms always have a bias)")
+
+def hf_model_type(config: GPTConfig) -> str:
+    """The transformers ``model_type`` that is exactly ``config``; UsageError naming what exports otherwise."""
+    c = config
+    if c.norm_type == "layernorm" and c.mlp in ("gelu", "relu2") and c.kv_heads == c.n_heads and not c.qk_norm:
+        return "gpt_neox" if c.use_rope else "gpt2"
+    if c.use_rope and c.norm_type == "rmsnorm" and c.mlp == "swiglu" and not (c.qk_norm and c.bias):
+        return "qwen3" if c.qk_norm else "llama"
+    variant = (
+        f"use_rope={c.use_rope}, norm_type={c.norm_type}, mlp={c.mlp}, n_kv_heads={c.n_kv_heads}, "
+        f"qk_norm={c.qk_norm}, bias={c.bias}"
+    )
+    raise UsageError(f"no transformers architecture is exactly this model ({variant}); these export: {EXPORTABLE}")
 
 
-def neox_config_dict(config: GPTConfig, bos_id: int = 1, eos_id: int = 2, pad_id: int = 0) -> dict:
-    """The ``config.json`` fields of the equivalent ``GPTNeoXConfig``."""
-    check_neox_compatible(config)
-    return {
-        "architectures": ["GPTNeoXForCausalLM"],
-        "model_type": "gpt_neox",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.embed_dim,
-        "num_hidden_layers": config.n_layers,
-        "num_attention_heads": config.n_heads,
-        "intermediate_size": 4 * config.embed_dim,
-        "hidden_act": "gelu",
-        "max_position_embeddings": config.block_size,
-        "layer_norm_eps": 1e-5,
-        "use_parallel_residual": False,
-        "tie_word_embeddings": True,
-        "attention_bias": True,
-        "attention_dropout": 0.0,
-        "hidden_dropout": 0.0,
-        # Both spellings: transformers 5 reads rope_parameters, 4.x reads rotary_pct / rotary_emb_base.
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": config.rope_base,
-            "partial_rotary_factor": 1.0,
-        },
-        "rotary_pct": 1.0,
-        "rotary_emb_base": config.rope_base,
-        "rope_theta": config.rope_base,
+def hf_config_dict(config: GPTConfig, bos_id: int = 1, eos_id: int = 2, pad_id: int = 0) -> dict:
+    """The ``config.json`` of the transformers model that is exactly ``config``."""
+    model_type = hf_model_type(config)
+    c = config
+    common = {
+        "architectures": [ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        "vocab_size": c.vocab_size,
+        "tie_word_embeddings": c.tie_embeddings,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
         "pad_token_id": pad_id,
         "torch_dtype": "float32",
     }
+    if model_type == "gpt2":
+        return {**common, **_gpt2_config(c)}
+    # Both spellings of the rotary settings: transformers 5 reads rope_parameters, 4.x the others.
+    rope = {"rope_parameters": {"rope_type": "default", "rope_theta": c.rope_base}, "rope_theta": c.rope_base}
+    shape = {
+        "hidden_size": c.embed_dim,
+        "intermediate_size": c.hidden_size,
+        "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads,
+        "max_position_embeddings": c.block_size,
+        "attention_dropout": 0.0,
+    }
+    if model_type == "gpt_neox":
+        neox = {"hidden_act": c.mlp, "layer_norm_eps": 1e-5, "use_parallel_residual": False, "hidden_dropout": 0.0}
+        return {**common, **shape, **rope, **neox, "attention_bias": c.bias, "rotary_pct": 1.0,
+                "rotary_emb_base": c.rope_base}  # fmt: skip
+    llama = {
+        "num_key_value_heads": c.kv_heads,
+        "head_dim": c.head_size,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "attention_bias": c.bias,
+    }
+    if model_type == "llama":
+        return {**common, **shape, **rope, **llama, "mlp_bias": c.bias}
+    layers = {
+        "use_sliding_window": False,
+        "max_window_layers": c.n_layers,
+        "layer_types": ["full_attention"] * c.n_layers,
+    }
+    return {**common, **shape, **rope, **llama, **layers}
 
 
-def _qkv_to_neox(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    # (3·C, ...) laid out (3, nh, hs, ...) -> (nh, 3, hs, ...)
-    rest = w.shape[1:]
-    return w.reshape(3, n_heads, -1, *rest).transpose(0, 1).reshape(-1, *rest)
+def _gpt2_config(c: GPTConfig) -> dict:
+    return {
+        "n_positions": c.block_size,
+        "n_embd": c.embed_dim,
+        "n_layer": c.n_layers,
+        "n_head": c.n_heads,
+        "n_inner": c.hidden_size,
+        "activation_function": c.mlp,  # "gelu": the exact GELU, not GPT-2's own tanh approximation
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "scale_attn_weights": True,
+    }
 
 
-def _qkv_from_neox(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    # (3·C, ...) laid out (nh, 3, hs, ...) -> (3, nh, hs, ...)
-    rest = w.shape[1:]
-    return w.reshape(n_heads, 3, -1, *rest).transpose(0, 1).reshape(-1, *rest)
+@dataclass(frozen=True)
+class Link:
+    """One tensor of the transformers model, and where it is in gptlit's."""
+
+    theirs: str
+    ours: str | None  # None: gptlit has no such parameter, and the function is the same with zeros
+    rows: tuple[int, int] | None = None  # a block of rows of ours: q, k or v of the fused qkv; gate or up of fc
+    transpose: bool = False  # GPT-2's Conv1D stores (in, out)
+    neox_heads: int | None = None  # GPT-NeoX interleaves q, k and v per head
+    zeros: tuple[int, ...] = ()  # the shape of the zeros, when ours is None
 
 
-# gptlit name inside a block -> GPT-NeoX name inside a layer (weight and bias alike).
-_BLOCK_NAMES = {
-    "norm_1": "input_layernorm",
-    "attn.qkv": "attention.query_key_value",
-    "attn.proj": "attention.dense",
-    "norm_2": "post_attention_layernorm",
-    "mlp.fc": "mlp.dense_h_to_4h",
-    "mlp.proj": "mlp.dense_4h_to_h",
-}
+def links(config: GPTConfig) -> list[Link]:
+    """Every tensor of the transformers model that is exactly ``config``, in terms of gptlit's state_dict."""
+    model_type = hf_model_type(config)
+    found = {"gpt_neox": _neox_links, "gpt2": _gpt2_links, "llama": _llama_links, "qwen3": _llama_links}
+    return list(found[model_type](config))
 
 
-def _name_pairs(config: GPTConfig):
-    """(gptlit name, GPT-NeoX name) of every weight both models store (the tied head aside)."""
-    yield "wte.weight", "gpt_neox.embed_in.weight"
-    yield "norm_f.weight", "gpt_neox.final_layer_norm.weight"
-    yield "norm_f.bias", "gpt_neox.final_layer_norm.bias"
-    for i in range(config.n_layers):
-        for ours, theirs in _BLOCK_NAMES.items():
-            for kind in ("weight", "bias"):
-                yield f"blocks.{i}.{ours}.{kind}", f"gpt_neox.layers.{i}.{theirs}.{kind}"
+def _neox_links(c: GPTConfig) -> Iterator[Link]:
+    biases = ("weight", "bias") if c.bias else ("weight",)
+    yield Link("gpt_neox.embed_in.weight", "wte.weight")
+    yield from _norm_links("gpt_neox.final_layer_norm", "norm_f", c)
+    for i in range(c.n_layers):
+        ours, theirs = f"blocks.{i}", f"gpt_neox.layers.{i}"
+        yield from _norm_links(f"{theirs}.input_layernorm", f"{ours}.norm_1", c)
+        yield from _norm_links(f"{theirs}.post_attention_layernorm", f"{ours}.norm_2", c)
+        for kind in biases:  # attention_bias follows bias; the MLP always has biases
+            qkv = f"{theirs}.attention.query_key_value.{kind}"
+            yield Link(qkv, f"{ours}.attn.qkv.{kind}", neox_heads=c.n_heads)
+            yield Link(f"{theirs}.attention.dense.{kind}", f"{ours}.attn.proj.{kind}")
+        for name, layer, width in (("dense_h_to_4h", "fc", c.hidden_size), ("dense_4h_to_h", "proj", c.embed_dim)):
+            yield Link(f"{theirs}.mlp.{name}.weight", f"{ours}.mlp.{layer}.weight")
+            yield _bias_link(f"{theirs}.mlp.{name}.bias", f"{ours}.mlp.{layer}.bias", width, c)
+    if not c.tie_embeddings:  # "embed_out" in transformers 4, which transformers 5 reads as "lm_head"
+        yield Link("embed_out.weight", "lm_head.weight")
 
 
-def to_neox_state_dict(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """gptlit GPT state_dict -> GPTNeoXForCausalLM state_dict.
+def _gpt2_links(c: GPTConfig) -> Iterator[Link]:
+    yield Link("transformer.wte.weight", "wte.weight")
+    yield Link("transformer.wpe.weight", "wpe.weight")
+    yield from _norm_links("transformer.ln_f", "norm_f", c)
+    widths = {"attn.c_attn": 3 * c.embed_dim, "attn.c_proj": c.embed_dim, "mlp.c_fc": c.hidden_size}
+    layers = {"attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj", "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj"}
+    for i in range(c.n_layers):
+        ours, theirs = f"blocks.{i}", f"transformer.h.{i}"
+        yield from _norm_links(f"{theirs}.ln_1", f"{ours}.norm_1", c)
+        yield from _norm_links(f"{theirs}.ln_2", f"{ours}.norm_2", c)
+        for name, layer in layers.items():
+            yield Link(f"{theirs}.{name}.weight", f"{ours}.{layer}.weight", transpose=True)
+            yield _bias_link(f"{theirs}.{name}.bias", f"{ours}.{layer}.bias", widths.get(name, c.embed_dim), c)
+    if not c.tie_embeddings:
+        yield Link("lm_head.weight", "lm_head.weight")
 
-    The output head is left out: it is tied to ``gpt_neox.embed_in`` (``tie_word_embeddings``), and its
-    own name differs between transformers releases (``embed_out`` in 4.x, ``lm_head`` in 5.x).
+
+def _llama_links(c: GPTConfig) -> Iterator[Link]:
+    q, kv, hidden = c.n_heads * c.head_size, c.kv_heads * c.head_size, c.hidden_size
+    blocks = {  # their projection: (our layer, rows of it)
+        "self_attn.q_proj": ("attn.qkv", (0, q)),
+        "self_attn.k_proj": ("attn.qkv", (q, q + kv)),
+        "self_attn.v_proj": ("attn.qkv", (q + kv, q + 2 * kv)),
+        "self_attn.o_proj": ("attn.proj", None),
+        "mlp.gate_proj": ("mlp.fc", (0, hidden)),
+        "mlp.up_proj": ("mlp.fc", (hidden, 2 * hidden)),
+        "mlp.down_proj": ("mlp.proj", None),
+    }
+    yield Link("model.embed_tokens.weight", "wte.weight")
+    yield Link("model.norm.weight", "norm_f.weight")
+    for i in range(c.n_layers):
+        ours, theirs = f"blocks.{i}", f"model.layers.{i}"
+        yield Link(f"{theirs}.input_layernorm.weight", f"{ours}.norm_1.weight")
+        yield Link(f"{theirs}.post_attention_layernorm.weight", f"{ours}.norm_2.weight")
+        for name, (layer, rows) in blocks.items():
+            for kind in ("weight", "bias") if c.bias else ("weight",):
+                yield Link(f"{theirs}.{name}.{kind}", f"{ours}.{layer}.{kind}", rows=rows)
+        if c.qk_norm:
+            yield Link(f"{theirs}.self_attn.q_norm.weight", f"{ours}.attn.q_norm.weight")
+            yield Link(f"{theirs}.self_attn.k_norm.weight", f"{ours}.attn.k_norm.weight")
+    if not c.tie_embeddings:
+        yield Link("lm_head.weight", "lm_head.weight")
+
+
+def _norm_links(theirs: str, ours: str, c: GPTConfig) -> Iterator[Link]:
+    yield Link(f"{theirs}.weight", f"{ours}.weight")
+    yield _bias_link(f"{theirs}.bias", f"{ours}.bias", c.embed_dim, c)
+
+
+def _bias_link(theirs: str, ours: str, width: int, c: GPTConfig) -> Link:
+    return Link(theirs, ours) if c.bias else Link(theirs, None, zeros=(width,))
+
+
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """gptlit GPT state_dict -> the state_dict of the transformers model that is exactly ``config``.
+
+    A tied head is left out (``tie_word_embeddings`` ties it to the embedding when the model loads).
     """
-    check_neox_compatible(config)
     out = {}
-    for ours, theirs in _name_pairs(config):
-        tensor = state_dict[ours]
-        if ".attn.qkv." in ours:
-            tensor = _qkv_to_neox(tensor, config.n_heads)
-        out[theirs] = tensor.detach().clone().contiguous()
+    for link in links(config):
+        if link.ours is None:
+            tensor = torch.zeros(link.zeros, dtype=state_dict["wte.weight"].dtype)
+        else:
+            tensor = state_dict[link.ours]
+        if link.rows is not None:
+            tensor = tensor[link.rows[0] : link.rows[1]]
+        if link.neox_heads is not None:  # (3, nh, hs, ...) -> (nh, 3, hs, ...)
+            tensor = tensor.reshape(3, link.neox_heads, -1, *tensor.shape[1:]).transpose(0, 1).flatten(0, 2)
+        if link.transpose:
+            tensor = tensor.t()
+        out[link.theirs] = tensor.detach().clone().contiguous()
     return out
 
 
-def from_neox_state_dict(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """GPTNeoXForCausalLM state_dict -> gptlit GPT state_dict (inverse of :func:`to_neox_state_dict`)."""
-    check_neox_compatible(config)
-    out = {}
-    for ours, theirs in _name_pairs(config):
-        tensor = state_dict[theirs]
-        if ".attn.qkv." in ours:
-            tensor = _qkv_from_neox(tensor, config.n_heads)
-        out[ours] = tensor.detach().clone()
-    out["lm_head.weight"] = out["wte.weight"]
+def from_hf_state_dict(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """The inverse of `to_hf_state_dict`: a transformers state_dict -> gptlit GPT state_dict."""
+    blocks: dict[str, list[tuple[int, torch.Tensor]]] = {}  # our name -> (first row, tensor) pieces
+    for link in links(config):
+        if link.ours is None:
+            continue  # zeros gptlit does not store
+        tensor = state_dict[link.theirs]
+        if link.transpose:
+            tensor = tensor.t()
+        if link.neox_heads is not None:  # (nh, 3, hs, ...) -> (3, nh, hs, ...)
+            tensor = tensor.reshape(link.neox_heads, 3, -1, *tensor.shape[1:]).transpose(0, 1).flatten(0, 2)
+        blocks.setdefault(link.ours, []).append((link.rows[0] if link.rows else 0, tensor))
+    out = {
+        name: torch.cat([t for _, t in sorted(pieces, key=lambda p: p[0])]).clone() for name, pieces in blocks.items()
+    }
+    if config.tie_embeddings:
+        out["lm_head.weight"] = out["wte.weight"]
     return out

@@ -1,7 +1,9 @@
-"""A GPT in plain PyTorch: RoPE (or learned positions), causal SDPA attention with a KV cache, GELU MLP.
+"""A GPT in plain PyTorch: RoPE (or learned positions), causal SDPA attention with a KV cache, an MLP.
 
-Modules are defined leaf-first: norms, the KV cache, attention, MLP, Block, GPT; the rotary embeddings are
-in `gptlit/rope.py`. Nothing here imports Lightning: the model can be used, tested and exported on its own.
+The variants of `gptlit.config.GPTConfig`: LayerNorm or RMSNorm; a GELU, SwiGLU or squared-ReLU MLP;
+grouped-query attention (``n_kv_heads``), QK-norm, a head tied to the embedding or not. Modules are defined
+leaf-first: norms, the KV cache, attention, MLP, Block, GPT; the rotary embeddings are in `gptlit/rope.py`.
+Nothing here imports Lightning: the model can be used, tested and exported on its own.
 """
 
 from __future__ import annotations
@@ -25,14 +27,17 @@ if TYPE_CHECKING:
     from gptlit.draft import NgramTable
 
 
+NORM_EPS = 1e-5
+
+
 def build_norm(config: GPTConfig) -> nn.Module:
     if config.norm_type == "rmsnorm":
-        return nn.RMSNorm(config.embed_dim, eps=1e-5)
-    return nn.LayerNorm(config.embed_dim, eps=1e-5, bias=config.bias)
+        return nn.RMSNorm(config.embed_dim, eps=NORM_EPS)
+    return nn.LayerNorm(config.embed_dim, eps=NORM_EPS, bias=config.bias)
 
 
 class KVCache(nn.Module):
-    """Keys and values of every position seen so far, preallocated for (batch, max length).
+    """Keys and values of every position seen so far, preallocated for (batch, max length), n_kv_heads heads.
 
     The buffers are non-persistent: they never enter a state_dict or a checkpoint.
     """
@@ -46,22 +51,28 @@ class KVCache(nn.Module):
     def forward(
         self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, nh, T, hs) at positions input_pos (T,); return the first ``length`` positions of
-        the cache (B, nh, length, hs), all of it by default."""
+        """Write k, v (B, nkv, T, hs) at positions input_pos (T,); return the first ``length`` positions of
+        the cache (B, nkv, length, hs), all of it by default."""
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k[:, :, :length], self.v[:, :, :length]
 
 
 class CausalSelfAttention(nn.Module):
+    """Causal self-attention; with n_kv_heads < n_heads, each key/value head serves a group of query heads."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.n_heads = config.n_heads
+        self.n_heads, self.n_kv_heads = config.n_heads, config.kv_heads
         self.head_size = config.head_size
         self.dropout = config.dropout
-        # One matmul for q, k and v; rows are laid out [q; k; v], each embed_dim wide.
-        self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim, bias=config.bias)
+        # One matmul for q, k and v; rows are laid out [q; k; v]: n_heads, n_kv_heads and n_kv_heads heads.
+        qkv_size = (self.n_heads + 2 * self.n_kv_heads) * self.head_size
+        self.qkv = nn.Linear(config.embed_dim, qkv_size, bias=config.bias)
         self.proj = nn.Linear(config.embed_dim, config.embed_dim, bias=config.bias)
+        # QK-norm: each head's queries and keys RMS-normalized (a gain per channel) before RoPE.
+        self.q_norm = nn.RMSNorm(self.head_size, eps=NORM_EPS) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_size, eps=NORM_EPS) if config.qk_norm else None
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None
 
@@ -74,34 +85,53 @@ class CausalSelfAttention(nn.Module):
         cache_len: int | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = split_heads(self.qkv(x), self.n_heads, rope)  # 3 x (B, nh, T, hs)
-
+        norms = (self.q_norm, self.k_norm) if self.q_norm is not None else None
+        q, k, v = split_heads(
+            self.qkv(x), self.n_heads, self.n_kv_heads, rope, norms
+        )  # q (B, nh, T, hs), k, v (B, nkv, T, hs)
+        grouped = self.n_kv_heads != self.n_heads
         if input_pos is None:
             # Training and uncached inference: plain causal attention over these T tokens.
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-            )  # (B, nh, T, hs)
+            dropout_p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=grouped)
         else:
             if self.kv_cache is None:
                 raise RuntimeError("forward with input_pos needs a KV cache: call model.set_kv_cache(batch_size)")
-            k, v = self.kv_cache(input_pos, k, v, cache_len)  # (B, nh, L, hs)
+            k, v = self.kv_cache(input_pos, k, v, cache_len)  # (B, nkv, L, hs)
             # mask (T, L) is True where a query may attend: positions not yet written are never seen.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=grouped)  # (B, nh, T, hs)
 
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.proj(y))
 
 
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up, of h = [gate, up] (..., 2H) -> (..., H)."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def relu2(h: torch.Tensor) -> torch.Tensor:
+    return F.relu(h).square()
+
+
+ACTIVATIONS = {"gelu": F.gelu, "relu2": relu2, "swiglu": swiglu}
+
+
 class MLP(nn.Module):
+    """proj(activation(fc(x))). For SwiGLU, fc computes the gate and the up projection in one matmul: its rows
+    are [gate; up], each hidden_size wide."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(config.embed_dim, 4 * config.embed_dim, bias=config.bias)
-        self.gelu = nn.GELU()
-        self.proj = nn.Linear(4 * config.embed_dim, config.embed_dim, bias=config.bias)
+        hidden = config.hidden_size
+        self.fc = nn.Linear(config.embed_dim, (2 if config.mlp == "swiglu" else 1) * hidden, bias=config.bias)
+        self.activation = ACTIVATIONS[config.mlp]
+        self.proj = nn.Linear(hidden, config.embed_dim, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(self.gelu(self.fc(x))))  # (B, T, C)
+        return self.dropout(self.proj(self.activation(self.fc(x))))  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -135,7 +165,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm_f = build_norm(config)
         self.lm_head = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied: one matrix embeds and un-embeds tokens
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # tied: one matrix embeds and un-embeds tokens
 
         if config.use_rope:
             cos, sin = build_rope_cache(config.block_size, config.head_size, config.rope_base)
@@ -238,7 +269,7 @@ class GPT(nn.Module):
         device, dtype = device or param.device, dtype or param.dtype
         for block in self.blocks:
             block.attn.kv_cache = KVCache(
-                batch_size, self.config.n_heads, max_seq_len, self.config.head_size, device, dtype
+                batch_size, self.config.kv_heads, max_seq_len, self.config.head_size, device, dtype
             )
         ones = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device)
         self.causal_mask = torch.tril(ones)  # (L, L)
@@ -257,7 +288,8 @@ class GPT(nn.Module):
     # Accounting ------------------------------------------------------------------------------------
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters, counting the tied embedding/head matrix once; ``non_embedding`` drops it and wpe."""
+        """Parameters, a tied embedding/head matrix counted once; ``non_embedding`` drops the token and position
+        embeddings (an untied head stays: it is a matrix product)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.wte.weight.numel()
@@ -268,12 +300,12 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward): 6N + 12·n_layers·T·C.
 
-        N is every parameter but the position table, the tied head counted as a matrix product (biases and
-        norm gains add a negligible 0.1%); the second term is the attention scores and their weighted sum
-        (PaLM, appendix B).
+        N is every parameter but the embeddings, plus the head (biases and norm gains add a negligible 0.1%);
+        the second term is the attention scores and their weighted sum (PaLM, appendix B).
         """
         T = seq_len or self.config.block_size
-        n_matmul = self.num_params(non_embedding=True) + self.wte.weight.numel()
+        head = self.wte.weight.numel() if self.config.tie_embeddings else 0  # untied: counted already
+        n_matmul = self.num_params(non_embedding=True) + head
         return 6 * n_matmul + 12 * self.config.n_layers * T * self.config.embed_dim
 
     # Seed-style generation -------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -11,89 +12,54 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 
-from gptlit.checkpoint import CHECKPOINT_FORMAT
-from gptlit.config import GPTConfig, NormType
+from gptlit.checkpoint import CHECKPOINT_FORMAT, migrate_checkpoint, read_checkpoint
+from gptlit.config import GPTConfig
 from gptlit.errors import ConfigError, NonFiniteLossError, UsageError
 from gptlit.model import GPT
+from gptlit.optim import MuonAdjustLR, OptimizerName, ScheduleName, build_adamw, build_muon, schedule
 from gptlit.tokenizer import Tokenizer
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Learning-rate multiplier at optimizer step ``step``: linear warmup, then cosine to ``min_ratio``."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
-
-
-def build_optimizer(
-    model: GPT, learning_rate: float, weight_decay: float, betas: tuple[float, float], fused: bool = True
-) -> torch.optim.AdamW:
-    """AdamW that decays only the weight matrices of linear layers.
-
-    Biases and norm gains are offsets and scales whose size is meaningful; the tied token embedding is left
-    alone too, since rows of rare tokens get few gradient updates and decay would pull them towards zero
-    between those updates. The fused kernel (CPU and CUDA) updates all tensors in one pass: on a 2-core CPU
-    it is 4x faster than the per-tensor loop.
-    """
-    decay, no_decay, seen = [], [], {id(model.wte.weight)}
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
-            is_matrix = isinstance(module, torch.nn.Linear) and name == "weight"
-            (decay if is_matrix else no_decay).append(param)
-    no_decay.append(model.wte.weight)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
-    fused = fused and all(p.device.type in ("cpu", "cuda") for p in model.parameters())
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
 
 
 class GPTLitModule(L.LightningModule):
     """Trains a GPT on next-token prediction.
 
     Args:
-        vocab_size: Vocabulary size; linked from the data module (``data.vocab_size``), never set in YAML.
-        block_size: Context length; also sets the data module's window length.
-        embed_dim: Width of the residual stream.
-        n_heads: Attention heads per layer.
-        n_layers: Transformer blocks.
-        dropout: Dropout on attention and residual branches.
-        use_rope: Rotary position embeddings (True) or learned absolute positions (False).
-        norm_type: ``layernorm`` or ``rmsnorm``.
-        bias: Biases in linear layers and LayerNorm.
-        rope_base: Base of the RoPE frequencies.
+        config: The model's shape and variant (``model.config.*``; its vocab_size comes from data.vocab_size).
         learning_rate: Peak learning rate, reached at the end of warmup.
         min_lr: Learning rate at the end of the cosine decay.
         weight_decay: AdamW weight decay, applied to the weight matrices of linear layers only.
         betas: AdamW betas.
         warmup: Warmup length: a float below 1 is a fraction of all optimizer steps, an int a step count.
+        optimizer: ``adamw``, or ``muon``: Muon for the transformer blocks' weight matrices and AdamW (at
+            learning_rate) for the embeddings, the head, norms and biases.
+        schedule: ``cosine`` (warmup, then cosine to min_lr) or ``wsd`` (warmup, the peak rate, then a linear
+            decay to min_lr over the last decay_fraction of the steps).
+        decay_fraction: The share of all steps that ``wsd`` decays over.
+        muon_lr: Muon's peak learning rate.
+        muon_momentum: Muon's (Nesterov) momentum.
+        muon_weight_decay: Muon's decoupled weight decay.
+        muon_adjust_lr: How Muon scales its update by matrix shape: ``original`` (Keller Jordan's:
+            sqrt(max(1, rows/cols))) or ``match_rms_adamw`` (Moonshot's: the RMS of an AdamW update, so that
+            AdamW's learning rate and weight decay carry over).
         compile: Compile the model and its loss with ``torch.compile`` (about a minute at the start on a CPU,
             then 5-15% faster steps there; more on a GPU). Needs a C++ compiler on a CPU.
     """
 
     def __init__(
         self,
-        vocab_size: int = 8000,
-        block_size: int = 256,
-        embed_dim: int = 512,
-        n_heads: int = 8,
-        n_layers: int = 6,
-        dropout: float = 0.1,
-        use_rope: bool = True,
-        norm_type: NormType = "layernorm",
-        bias: bool = True,
-        rope_base: float = 10000.0,
+        config: GPTConfig = GPTConfig(),
         learning_rate: float = 6e-4,
         min_lr: float = 6e-5,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         warmup: int | float = 0.1,
+        optimizer: OptimizerName = "adamw",
+        schedule: ScheduleName = "cosine",
+        decay_fraction: float = 0.2,
+        muon_lr: float = 0.02,
+        muon_momentum: float = 0.95,
+        muon_weight_decay: float = 0.0,
+        muon_adjust_lr: MuonAdjustLR = "original",
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -103,19 +69,15 @@ class GPTLitModule(L.LightningModule):
             raise ConfigError(f"warmup must be >= 0 steps, got {warmup}")
         if not 0 <= min_lr <= learning_rate:
             raise ConfigError(f"min_lr ({min_lr}) must be between 0 and learning_rate ({learning_rate})")
-        self.save_hyperparameters()
-        self.config = GPTConfig(
-            vocab_size=vocab_size,
-            block_size=block_size,
-            embed_dim=embed_dim,
-            n_heads=n_heads,
-            n_layers=n_layers,
-            dropout=dropout,
-            use_rope=use_rope,
-            norm_type=norm_type,
-            bias=bias,
-            rope_base=rope_base,
-        )
+        if not 0.0 < decay_fraction <= 1.0:
+            raise ConfigError(f"decay_fraction must be in (0, 1], got {decay_fraction}")
+        if optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+            raise ConfigError(
+                f"optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}"
+            )
+        self.save_hyperparameters(ignore=["config"])
+        self.hparams["config"] = config.to_dict()  # plain values: a checkpoint stays loadable weights-only
+        self.config = config
         self.model = GPT(self.config)
         # Compiled as a function, so that the module tree and checkpoint keys stay those of the plain model.
         self._loss = torch.compile(self.model.loss) if compile else self.model.loss
@@ -127,6 +89,20 @@ class GPTLitModule(L.LightningModule):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: str | Path, map_location: str | torch.device | None = None, **kwargs: Any
+    ) -> GPTLitModule:
+        """The module a gptlit checkpoint holds, with its tokenizer: read weights-only (a pickle that would run
+        code is refused), from the checkpoint format of any gptlit version. ``kwargs`` override its settings."""
+        checkpoint = read_checkpoint(checkpoint_path)
+        settings = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+        settings["config"] = GPTConfig(**checkpoint["gptlit"]["config"])
+        module = cls(**{**settings, **kwargs})
+        module.on_load_checkpoint(checkpoint)  # the tokenizer
+        module.load_state_dict(checkpoint["state_dict"])
+        return module.to(map_location) if map_location is not None else module
 
     # Data hand-over ----------------------------------------------------------------------------------
 
@@ -203,7 +179,15 @@ class GPTLitModule(L.LightningModule):
         hp = self.hparams
         # fp16 loss scaling unscales inside a fused step, after Lightning would clip: no fused kernel there.
         fused = self.trainer.precision != "16-mixed"
-        optimizer = build_optimizer(self.model, hp.learning_rate, hp.weight_decay, tuple(hp.betas), fused)
+        betas = tuple(hp.betas)
+        if hp.optimizer == "muon":
+            if isinstance(self.trainer.strategy, FSDPStrategy):
+                raise ConfigError("optimizer muon needs whole weight matrices, which FSDP shards: use DDP, or adamw")
+            muon = dict(muon_lr=hp.muon_lr, muon_momentum=hp.muon_momentum, muon_weight_decay=hp.muon_weight_decay)
+            optimizer = build_muon(self.model, hp.learning_rate, hp.weight_decay, betas, **muon,
+                                   muon_adjust_lr=hp.muon_adjust_lr, fused=fused)  # fmt: skip
+        else:
+            optimizer = build_adamw(self.model, hp.learning_rate, hp.weight_decay, betas, fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         # "name": LearningRateMonitor logs each parameter group's rate as train/lr/<group>.
         return {
@@ -244,7 +228,7 @@ class GPTLitModule(L.LightningModule):
             return 1.0 / (warmup + 1) if isinstance(warmup, int) and warmup > 0 else 0.0
         warmup_steps = round(warmup * total) if isinstance(warmup, float) else warmup
         min_ratio = self.hparams.min_lr / self.hparams.learning_rate
-        return lr_factor(step, warmup_steps, total, min_ratio)
+        return schedule(self.hparams.schedule, self.hparams.decay_fraction)(step, warmup_steps, total, min_ratio)
 
     def on_train_start(self) -> None:
         if self._total_steps() is None:
@@ -259,14 +243,20 @@ class GPTLitModule(L.LightningModule):
     # Checkpoints: the tokenizer and the model config travel inside ------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = self._trainer
+        metrics = trainer.callback_metrics if trainer is not None else {}
         checkpoint["gptlit"] = {
             "format": CHECKPOINT_FORMAT,
             "config": self.config.to_dict(),
             "tokenizer": self.tokenizer.to_str() if self.tokenizer is not None else None,
+            # The latest validation's figures, for the exported model card.
+            "metrics": {name: float(value) for name, value in metrics.items() if name.startswith("val/")},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning loads the weights right after this hook: say what differs before a size mismatch does.
+        if "gptlit" in checkpoint:
+            migrate_checkpoint(checkpoint)
         saved = checkpoint.get("gptlit") or {}
         for name, value in (saved.get("config") or {}).items():
             mine = getattr(self.config, name, value)

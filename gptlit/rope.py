@@ -10,6 +10,7 @@ straight into its place instead, for 5% faster training steps on a CPU (`benchma
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def build_rope_cache(seq_len: int, head_size: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,25 +32,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def split_heads(
-    qkv: torch.Tensor, n_heads: int, rope: tuple[torch.Tensor, torch.Tensor] | None
+    qkv: torch.Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+    norms: tuple[nn.Module, nn.Module] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v (B, nh, T, hs) from the fused projection qkv (B, T, 3 * nh * hs), q and k rotated by rope's
-    cos and sin (T, hs) when given."""
-    if rope is not None and qkv.requires_grad and not torch.compiler.is_compiling():
-        return RotaryQKV.apply(qkv, *rope, n_heads)
-    return split_and_rotate(qkv, n_heads, rope)
+    """q (B, nh, T, hs), k and v (B, nkv, T, hs) from the fused projection qkv (B, T, (nh + 2 nkv) * hs): q and
+    k normed by ``norms`` (QK-norm) when given, then rotated by rope's cos and sin (T, hs) when given."""
+    if rope is not None and norms is None and qkv.requires_grad and not torch.compiler.is_compiling():
+        return RotaryQKV.apply(qkv, *rope, n_heads, n_kv_heads)
+    return split_and_rotate(qkv, n_heads, n_kv_heads, rope, norms)
 
 
 def split_and_rotate(
-    qkv: torch.Tensor, n_heads: int, rope: tuple[torch.Tensor, torch.Tensor] | None
+    qkv: torch.Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+    norms: tuple[nn.Module, nn.Module] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`split_heads` in plain operations, whose gradient autograd derives."""
+    """`split_heads` in plain operations, whose gradient autograd derives: the reference of `RotaryQKV`."""
     B, T, _ = qkv.shape
-    heads = qkv.view(B, T, 3, n_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+    heads = qkv.view(B, T, n_heads + 2 * n_kv_heads, -1).transpose(1, 2)  # (B, nh + 2 nkv, T, hs)
+    q, k, v = heads.split((n_heads, n_kv_heads, n_kv_heads), dim=1)
+    if norms is not None:
+        q, k = norms[0](q), norms[1](k)
     if rope is None:
-        return heads.unbind(0)
-    q, k = apply_rope(heads[:2], *rope).unbind(0)  # q and k rotate together: one set of kernels for both
-    return q, k, heads[2]
+        return q, k, v
+    if n_heads == n_kv_heads and norms is None:  # q and k rotate together: one set of kernels for both
+        q, k = apply_rope(heads[:, : 2 * n_heads], *rope).split(n_heads, dim=1)
+        return q, k, v
+    return apply_rope(q, *rope), apply_rope(k, *rope), v
 
 
 class RotaryQKV(torch.autograd.Function):
@@ -62,30 +76,35 @@ class RotaryQKV(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int):
+    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int):
         B, T, _ = qkv.shape
-        heads = qkv.view(B, T, 3, n_heads, -1)  # (B, T, 3, nh, hs)
+        heads = qkv.view(B, T, n_heads + 2 * n_kv_heads, -1)  # (B, T, nh + 2 nkv, hs)
         half = heads.size(-1) // 2
         c, s = cos[..., :half], sin[..., :half]  # (T, hs/2): both halves share their angles
-        x = heads[:, :, :2].permute(2, 0, 3, 1, 4)  # (2, B, nh, T, hs): q and k, strided
-        out = torch.empty(x.shape, dtype=qkv.dtype, device=qkv.device)
-        _rotate(x[..., :half], x[..., half:], c, s, out[..., :half], out[..., half:])
+        rotated = []
+        for first, count in ((0, n_heads), (n_heads, n_kv_heads)):  # q, then k
+            x = heads[:, :, first : first + count].transpose(1, 2)  # (B, n, T, hs): strided
+            out = torch.empty(x.shape, dtype=qkv.dtype, device=qkv.device)
+            _rotate(x[..., :half], x[..., half:], c, s, out[..., :half], out[..., half:])
+            rotated.append(out)
         ctx.save_for_backward(cos, sin)
-        return out[0], out[1], heads[:, :, 2].transpose(1, 2)
+        ctx.n_heads, ctx.n_kv_heads = n_heads, n_kv_heads
+        return rotated[0], rotated[1], heads[:, :, n_heads + n_kv_heads :].transpose(1, 2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor):
         cos, sin = ctx.saved_tensors
-        B, nh, T, hs = grad_q.shape
+        nh, nkv = ctx.n_heads, ctx.n_kv_heads
+        B, _, T, hs = grad_q.shape
         half = hs // 2
         c, s = cos[..., :half], sin[..., :half]
-        grad = torch.empty((B, T, 3, nh, hs), dtype=grad_q.dtype, device=grad_q.device)  # qkv's layout
-        for i, g in enumerate((grad_q, grad_k)):
-            dst = grad[:, :, i].transpose(1, 2)  # (B, nh, T, hs) view into grad
+        grad = torch.empty((B, T, nh + 2 * nkv, hs), dtype=grad_q.dtype, device=grad_q.device)  # qkv's layout
+        for g, first, count in ((grad_q, 0, nh), (grad_k, nh, nkv)):
+            dst = grad[:, :, first : first + count].transpose(1, 2)  # (B, n, T, hs) view into grad
             _rotate(g[..., :half], g[..., half:], c, -s, dst[..., :half], dst[..., half:])  # inverse: angle -s
-        grad[:, :, 2].copy_(grad_v.transpose(1, 2))
-        return grad.view(B, T, -1), None, None, None
+        grad[:, :, nh + nkv :].copy_(grad_v.transpose(1, 2))
+        return grad.view(B, T, -1), None, None, None, None
 
 
 def _rotate(x1, x2, c, s, out1, out2) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import copy
+import dataclasses
 import os
 import shutil
 import sys
@@ -19,6 +20,11 @@ from typing import Any
 import lightning as L
 import yaml
 from lightning.pytorch.cli import SaveConfigCallback
+
+from gptlit.checkpoint import nest_model_config
+from gptlit.config import GPTConfig
+
+GPT_FIELDS = {f.name for f in dataclasses.fields(GPTConfig)}
 
 # Options of LastCheckpoint's 0.1.0 form (a ModelCheckpoint), which had no effect on last.ckpt.
 _OLD_CHECKPOINT_KEYS = (
@@ -85,13 +91,28 @@ def migrate_config(config: dict[str, Any]) -> list[str]:
         if dropped:
             notes.append("checkpoint: dropped the ModelCheckpoint options of gptlit 0.1.0 (they never applied)")
     model = config.get("model")
-    if isinstance(model, dict) and "peak_flops" in model and model.pop("peak_flops") is not None:
-        notes.append("model.peak_flops is gone: train/device/mfu comes from Lightning's ThroughputMonitor")
+    if isinstance(model, dict):
+        if model.get("peak_flops") is not None:
+            notes.append("model.peak_flops is gone: train/device/mfu comes from Lightning's ThroughputMonitor")
+        moved = sorted(k for k in model if k in GPT_FIELDS)
+        config["model"] = nest_model_config(model)
+        if moved:
+            notes.append(f"model.{{{','.join(moved)}}} read as model.config.* (where gptlit reads them since 0.2)")
     return notes
 
 
+def migrated_option(arg: str) -> str:
+    """A command-line option of gptlit 0.1.0 as this gptlit spells it: ``--model.embed_dim`` is now
+    ``--model.config.embed_dim``."""
+    name = arg.split("=", 1)[0]
+    if name.startswith("--model.") and name[len("--model.") :] in GPT_FIELDS:
+        return "--model.config." + arg[len("--model.") :]
+    return arg
+
+
 def migrated_config_args(args: list[str]) -> list[str]:
-    """``args`` with every config file that needs migrating replaced by a migrated copy of the same name.
+    """``args`` with every config file that needs migrating replaced by a migrated copy of the same name, and
+    options of gptlit 0.1.0 spelled as this gptlit reads them.
 
     A copy keeps the file's name, since a run is named after its first config file.
     """
@@ -104,7 +125,7 @@ def migrated_config_args(args: list[str]) -> list[str]:
             continue
         if arg.startswith("--config="):
             arg = "--config=" + _migrated_file(arg.split("=", 1)[1])
-        out.append(arg)
+        out.append(migrated_option(arg))
         i += 1
     return out
 

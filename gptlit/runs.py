@@ -70,11 +70,21 @@ def check_same_shape(
     asked = {**config, "vocab_size": data_vocab_size} if data_vocab_size is not None else config
     for name, value in saved.items():
         if name in asked and asked[name] != value:
-            group = "data" if name == "vocab_size" else "model"
+            group = "data" if name == "vocab_size" else "model.config"
             raise UsageError(
                 f"{path} holds a model with {name}={value}, but the config asks for {name}={asked[name]}; "
                 f"resume with the run's own config, or set {group}.{name}: {value}"
             )
+
+
+def check_same_optimizer(checkpoint: dict[str, Any], optimizer: str, path: str | Path) -> None:
+    """Refuse to resume a checkpoint's optimizer state into another kind of optimizer (its state would not fit)."""
+    saved = checkpoint.get("hyper_parameters", {}).get("optimizer", "adamw")  # 0.1.0 knew only AdamW
+    if saved != optimizer:
+        raise UsageError(
+            f"{path} was trained with model.optimizer {saved}, and its state cannot continue as {optimizer}; "
+            f"resume with --model.optimizer {saved}, or start a new run from its weights"
+        )
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:

@@ -22,7 +22,16 @@ from gptlit.model import GPT
 from gptlit.sources import TXT_SEPARATOR
 
 VOCAB = 97  # of tiny_model
-POSITIONS = pytest.mark.parametrize("use_rope", [True, False], ids=["rope", "learned"])  # both kinds
+# Decoding is checked on both kinds of positions and on a Llama/Qwen3-like variant with a grouped KV cache.
+ARCHITECTURES = pytest.mark.parametrize(
+    "arch",
+    [
+        dict(use_rope=True),
+        dict(use_rope=False),
+        dict(norm_type="rmsnorm", mlp="swiglu", n_kv_heads=2, qk_norm=True, tie_embeddings=False),
+    ],
+    ids=["rope", "learned", "gqa-qknorm"],
+)
 MODEL = {"block_size": 32, "embed_dim": 32, "n_heads": 2, "n_layers": 2, "dropout": 0.0}
 OPTIM = {"learning_rate": 3e-3, "min_lr": 3e-4, "warmup": 4}
 
@@ -50,7 +59,7 @@ def write_config(tmp_path: Path, name: str = "run", max_steps: int = 16, **train
             "deterministic": True,
             **trainer,
         },
-        "model": {**MODEL, **OPTIM},
+        "model": {"config": MODEL, **OPTIM},
         "data": {"source": str(tmp_path / "stories.txt"), "data_dir": str(tmp_path / "data"), "vocab_size": 320},
         "checkpoint": {"every_n_train_steps": 4},
     }
@@ -106,20 +115,12 @@ def make_dm(data_dir: Path, source: Path | str, **kwargs) -> TinyStoriesDataModu
 # Models and decoding --------------------------------------------------------------------------------
 
 
-def tiny_model(block_size: int = 32, use_rope: bool = True, seed: int = 4, vocab_size: int = VOCAB) -> GPT:
-    """A tiny GPT pushed far off its init (every parameter, norms included), so that its logits are
-    sharp and its greedy continuations wander instead of repeating one token."""
+def tiny_model(block_size: int = 32, seed: int = 4, vocab_size: int = VOCAB, **variant) -> GPT:
+    """A tiny GPT (4 heads, 2 layers, of ``variant``) pushed far off its init (every parameter, norms included),
+    so that its logits are sharp and its greedy continuations wander instead of repeating one token."""
     torch.manual_seed(seed)
-    config = GPTConfig(
-        vocab_size=vocab_size,
-        block_size=block_size,
-        embed_dim=32,
-        n_heads=4,
-        n_layers=2,
-        dropout=0.0,
-        use_rope=use_rope,
-    )
-    model = GPT(config).eval()
+    shape = dict(embed_dim=32, n_heads=4, n_layers=2, dropout=0.0)
+    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, **shape, **variant)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)

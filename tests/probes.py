@@ -68,3 +68,17 @@ class InterruptAt(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGINT)
+
+
+class RecordParams(L.Callback):
+    """Writes ``<out_dir>/rank<r>.txt``: a hash of this rank's parameters when training ends."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        digest = hashlib.sha1()
+        for tensor in pl_module.state_dict().values():
+            digest.update(tensor.detach().cpu().numpy().tobytes())
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"rank{trainer.global_rank}.txt").write_text(digest.hexdigest())

@@ -148,12 +148,16 @@ def last_good_checkpoint_kept(ws: Path) -> None:
 CASES = [
     Case("missing config file", "fit --config missing.yaml", "missing.yaml", code=2),
     Case(
-        "unknown key in YAML", "fit --config bad.yaml", "model.embed_dimm", 2, edit_config("embed_dim:", "embed_dimm:")
+        "unknown key in YAML",
+        "fit --config bad.yaml",
+        "model.config.embed_dimm",
+        2,
+        edit_config("embed_dim:", "embed_dimm:"),
     ),
     Case(
         "wrongly typed YAML value",
         "fit --config bad.yaml",
-        "model.n_layers",
+        "model.config.n_layers",
         2,
         edit_config("n_layers: 2", "n_layers: x"),
     ),
@@ -179,7 +183,7 @@ CASES = [
     ),
     Case(
         "checkpoint of another model shape",
-        "fit --config run.yaml --run_name wider --model.embed_dim 64 "
+        "fit --config run.yaml --run_name wider --model.config.embed_dim 64 "
         "--ckpt_path lightning_logs/run/checkpoints/last.ckpt",
         "holds a model with embed_dim=32",
     ),

@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gptlit.callbacks import TextSamples, sample_markdown
+from gptlit.config import GPTConfig
 from gptlit.generate import generate
 from gptlit.module import GPTLitModule
 from gptlit.runs import load_model
@@ -47,9 +48,16 @@ def test_samples_are_logged_at_each_validation_and_leave_training_unchanged(work
     # Dropout draws from the global RNG at every step: were sampling to draw from it too, the run with
     # samples would end with other weights than the run without.
     config = write_config(workdir, max_steps=8, val_check_interval=4)  # validations at steps 4 and 8
-    run_cli("fit", "--config", str(config), "--run_name", "plain", "--model.dropout", "0.1")
+    run_cli("fit", "--config", str(config), "--run_name", "plain", "--model.config.dropout", "0.1")
     run_cli(
-        "fit", "--config", str(config), "--run_name", "sampled", "--model.dropout", "0.1", text_samples(**SAMPLE_ARGS)
+        "fit",
+        "--config",
+        str(config),
+        "--run_name",
+        "sampled",
+        "--model.config.dropout",
+        "0.1",
+        text_samples(**SAMPLE_ARGS),
     )
 
     runs = workdir / "lightning_logs"
@@ -95,7 +103,7 @@ def test_nothing_is_sampled_without_a_tokenizer_or_a_tensorboard_logger(tmp_path
         return L.Trainer(accelerator="cpu", logger=logger, enable_checkpointing=False, enable_model_summary=False)
 
     callback = TextSamples(prompts=["Lily"], max_new_tokens=2)
-    module = GPTLitModule(vocab_size=320, **MODEL)
+    module = GPTLitModule(GPTConfig(vocab_size=320, **MODEL))
     with_tensorboard = trainer(TensorBoardLogger(tmp_path, name="tb"))
     callback.on_validation_end(with_tensorboard, module)  # no tokenizer yet
     assert not list((tmp_path / "tb").rglob("events.*"))

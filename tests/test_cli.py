@@ -92,12 +92,28 @@ def test_resuming_into_another_model_shape_is_refused(workdir: Path, capsys) -> 
     run_cli("fit", "--config", str(config))
     with pytest.raises(SystemExit) as failed:
         run_cli(
-            "fit", "--config", str(config), "--ckpt_path", "last", "--model.embed_dim", "64", "--trainer.max_steps", "8"
+            "fit",
+            "--config",
+            str(config),
+            "--ckpt_path",
+            "last",
+            "--model.config.embed_dim",
+            "64",
+            "--trainer.max_steps",
+            "8",
         )
     assert failed.value.code == 1
     assert "embed_dim=32" in _error_line(capsys)
     ckpt = torch.load(workdir / "lightning_logs" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4
+
+
+def test_resuming_with_another_optimizer_is_refused(workdir: Path, capsys) -> None:
+    run_cli("fit", "--config", str(write_config(workdir, max_steps=4)))
+    with pytest.raises(SystemExit) as failed:
+        run_cli("fit", "--ckpt_path", "last", "--model.optimizer", "muon", "--trainer.max_steps", "6")
+    assert failed.value.code == 1
+    assert "trained with model.optimizer adamw" in _error_line(capsys)
 
 
 def test_a_checkpoint_file_without_config_resumes_its_run(workdir: Path) -> None:
@@ -127,7 +143,13 @@ def test_python_dash_m_gptlit_help_lists_the_documented_options() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "gptlit", "fit", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for option in ("--model.embed_dim", "--data.source", "--run_name", "--checkpoint.every_n_train_steps"):
+    for option in (
+        "--model.config.embed_dim",
+        "--model.config.mlp",
+        "--data.source",
+        "--run_name",
+        "--checkpoint.every_n_train_steps",
+    ):
         assert option in out
 
 

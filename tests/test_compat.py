@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import run_cli, write_corpus
 
+from gptlit.module import GPTLitModule
 from gptlit.runs import load_model
 from gptlit.tokenizer import Tokenizer
 
@@ -49,3 +50,31 @@ def test_an_old_run_validates_and_resumes_from_its_own_config(old_run: Path, cap
     assert sorted(p.name for p in last.parent.glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
     moved = [name for name, t in after["state_dict"].items() if not torch.equal(t, before["state_dict"][name])]
     assert moved, "resuming trained nothing"
+
+
+def test_an_old_checkpoint_loads_as_a_lightning_module(old_run: Path) -> None:
+    module = GPTLitModule.load_from_checkpoint(old_run / "checkpoints" / "last.ckpt")
+    assert module.config.embed_dim == 16 and module.config.mlp == "gelu" and module.config.tie_embeddings
+    assert module.hparams.learning_rate == 0.003 and module.tokenizer is not None
+    model, _ = load_model(old_run / "checkpoints" / "last.ckpt")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(module.model.state_dict()[name], tensor), name
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused(old_run: Path, capsys) -> None:
+    checkpoint = torch.load(old_run / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["gptlit"]["format"] = 99
+    torch.save(checkpoint, old_run / "checkpoints" / "future.ckpt")
+    with pytest.raises(SystemExit) as failed:
+        run_cli("sample", "--ckpt_path", str(old_run / "checkpoints" / "future.ckpt"))
+    assert failed.value.code == 1
+    assert "checkpoint format 99, newer than this gptlit reads" in capsys.readouterr().err
+
+
+def test_old_command_line_options_are_read_where_they_moved(old_run: Path, capsys) -> None:
+    """gptlit 0.1.0 spelled the model's shape --model.<field>; it is --model.config.<field> now."""
+    with pytest.raises(SystemExit) as failed:
+        run_cli("validate", "--ckpt_path", "last", "--model.embed_dim", "32")
+    # Not an unknown option (exit 2): read as model.config.embed_dim, and checked against the checkpoint's.
+    assert failed.value.code == 1
+    assert "holds a model with embed_dim=16" in capsys.readouterr().err

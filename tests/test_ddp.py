@@ -111,3 +111,16 @@ def test_ddp_on_two_processes_equals_one_process_with_the_doubled_batch(tmp_path
     # The resumed DDP run is one TensorBoard curve, written by one process per launch.
     assert [step for step, _ in scalars(run)["train/loss"]] == list(range(8))
     assert len(list(run.glob("events.out.tfevents.*"))) == 2
+
+
+def test_every_rank_applies_the_same_muon_update(tmp_path: Path) -> None:
+    """Muon orthogonalizes the averaged gradient on each rank: the ranks' weights stay identical."""
+    write_corpus(tmp_path / "stories.txt")
+    config = write_config(tmp_path, name="run", max_steps=3)
+    record = callbacks(("probes.RecordParams", {"out_dir": str(tmp_path / "params")}))
+    fit(tmp_path, "--config", str(config), "--trainer.strategy", "ddp", "--trainer.devices", "2",
+        "--data.batch_size", "4", "--model.optimizer", "muon", record)  # fmt: skip
+    ranks = [(tmp_path / "params" / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    last = torch.load(tmp_path / "lightning_logs" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 3 and last["optimizer_states"][0]["state"]  # Muon's and AdamW's state saved

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import POSITIONS, CountingForward, expected_passes, prompt, reference_generate, tiny_model
+from helpers import ARCHITECTURES, CountingForward, expected_passes, prompt, reference_generate, tiny_model
 
 from gptlit.draft import NgramDraft, NgramTable
 from gptlit.generate import generate
@@ -44,11 +44,11 @@ def test_each_pass_yields_its_accepted_guesses_and_one_token_more(seed, monkeypa
     assert counter.calls - 1 == expected_passes(ids, plain, 8, 64) < 39
 
 
-@POSITIONS
+@ARCHITECTURES
 @pytest.mark.parametrize(("length", "new", "block_size"), [(4, 28, 32), (6, 90, 16)])
-def test_drafted_greedy_equals_plain_greedy_in_fewer_passes(use_rope, length, new, block_size, monkeypatch):
+def test_drafted_greedy_equals_plain_greedy_in_fewer_passes(arch, length, new, block_size, monkeypatch):
     # The second case slides the window 8 times with drafts in flight.
-    model = tiny_model(block_size=block_size, use_rope=use_rope)
+    model = tiny_model(block_size=block_size, **arch)
     saved = 0
     for seed in range(4):
         ids = prompt(length, seed=seed) * 3  # a prompt that repeats itself gives the drafts something to find

@@ -92,13 +92,17 @@ def test_an_existing_out_dir_is_left_alone(exported: tuple[Path, Path], capsys) 
     assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before
 
 
-@pytest.mark.parametrize(("option", "value"), [("norm_type", "rmsnorm"), ("use_rope", False), ("bias", False)], ids=str)
-def test_configs_without_a_gpt_neox_equivalent_are_refused(
-    exported: tuple[Path, Path], tmp_path: Path, capsys, option: str, value
+@pytest.mark.parametrize(
+    "variant",
+    [dict(norm_type="rmsnorm"), dict(mlp="swiglu"), dict(n_kv_heads=1)],  # with GELU; with LayerNorm; MQA and LayerNorm
+    ids=str,
+)
+def test_variants_without_an_exact_transformers_architecture_are_refused(
+    exported: tuple[Path, Path], tmp_path: Path, capsys, variant: dict
 ) -> None:
     ckpt, _ = exported
     checkpoint = torch.load(ckpt, weights_only=True)
-    config = GPTConfig(**{**checkpoint["gptlit"]["config"], option: value})
+    config = GPTConfig(**{**checkpoint["gptlit"]["config"], **variant})
     checkpoint["gptlit"]["config"] = config.to_dict()
     checkpoint["state_dict"] = {f"model.{k}": v for k, v in GPT(config).state_dict().items()}
     other = tmp_path / "other.ckpt"
@@ -106,5 +110,6 @@ def test_configs_without_a_gpt_neox_equivalent_are_refused(
     with pytest.raises(SystemExit) as failed:
         run_cli("export", "--ckpt_path", str(other), "--out_dir", str(tmp_path / "out"))
     assert failed.value.code == 1
-    assert option in capsys.readouterr().err.strip().splitlines()[-1]
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no transformers architecture is exactly this model" in line and "(Llama)" in line
     assert not (tmp_path / "out").exists()

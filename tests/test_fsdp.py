@@ -11,6 +11,7 @@ import torch
 from helpers import MODEL
 from lightning.pytorch.strategies import FSDPStrategy
 
+from gptlit.config import GPTConfig
 from gptlit.module import GPTLitModule
 from gptlit.text_samples import sampling_model
 
@@ -33,7 +34,7 @@ def fsdp_trainer(**attributes) -> SimpleNamespace:
 
 def test_gradients_are_clipped_by_their_global_norm_through_the_root_fsdp_module() -> None:
     """torch.nn.utils.clip_grad_norm_ over one process's shards would clip each shard by its own norm."""
-    module = GPTLitModule(vocab_size=101, **MODEL)
+    module = GPTLitModule(GPTConfig(vocab_size=101, **MODEL))
     trainer = fsdp_trainer()
     module._trainer = trainer
     for p in module.parameters():
@@ -46,7 +47,7 @@ def test_gradients_are_clipped_by_their_global_norm_through_the_root_fsdp_module
 
 
 def test_every_process_gathers_the_weights_and_the_first_samples_from_a_plain_copy() -> None:
-    module = GPTLitModule(vocab_size=101, **MODEL)
+    module = GPTLitModule(GPTConfig(vocab_size=101, **MODEL))
     gathered = []
 
     def full_state() -> dict:

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import POSITIONS, VOCAB, prompt, reference_generate, tiny_model
+from helpers import ARCHITECTURES, VOCAB, prompt, reference_generate, tiny_model
 
 from gptlit.generate import generate, generate_stream, sample_next
 
 # KV cache against the uncached reference -----------------------------------------------------------
 
 
-@POSITIONS
+@ARCHITECTURES
 @pytest.mark.parametrize(("length", "new"), [(1, 31), (5, 20), (17, 15), (30, 2)])
-def test_cached_greedy_equals_uncached_reference(use_rope, length, new):
-    model = tiny_model(block_size=32, use_rope=use_rope)
+def test_cached_greedy_equals_uncached_reference(arch, length, new):
+    model = tiny_model(block_size=32, **arch)
     assert length + new <= 32
     outputs = []
     for seed in range(3):
@@ -26,21 +26,21 @@ def test_cached_greedy_equals_uncached_reference(use_rope, length, new):
     assert len({tuple(out) for out in outputs}) > 1
 
 
-@POSITIONS
+@ARCHITECTURES
 @pytest.mark.parametrize(("length", "new", "block_size"), [(3, 29, 32), (5, 60, 16)])
-def test_cached_sampling_equals_uncached_reference(use_rope, length, new, block_size):
+def test_cached_sampling_equals_uncached_reference(arch, length, new, block_size):
     # Samples wander through many more contexts than greedy decoding does; the same seeded draws
     # on the same distributions give the same tokens. The second case slides the window 5 times.
-    model = tiny_model(block_size=block_size, use_rope=use_rope)
+    model = tiny_model(block_size=block_size, **arch)
     ids = prompt(length)
     expected = reference_generate(model, ids, new, temperature=2.0, seed=11)
     assert generate(model, ids, new, temperature=2.0, seed=11) == [expected]
     assert len(set(expected)) > 10
 
 
-@POSITIONS
-def test_generation_beyond_block_size(use_rope):
-    model = tiny_model(block_size=16, use_rope=use_rope)
+@ARCHITECTURES
+def test_generation_beyond_block_size(arch):
+    model = tiny_model(block_size=16, seed=5, **arch)
     ids = prompt(5)
     out = generate(model, ids, 50, temperature=0, eos_id=None)
     assert len(out) == 1 and len(out[0]) == 50
@@ -48,15 +48,15 @@ def test_generation_beyond_block_size(use_rope):
     assert len(set(out[0][20:])) > 3  # still wandering after the window has slid
 
 
-@POSITIONS
-def test_prompt_longer_than_block_size(use_rope):
-    model = tiny_model(block_size=16, use_rope=use_rope)
+@ARCHITECTURES
+def test_prompt_longer_than_block_size(arch):
+    model = tiny_model(block_size=16, **arch)
     out = generate(model, prompt(40), 10, temperature=1.0, seed=0)
     assert len(out[0]) == 10 and all(0 <= t < VOCAB for t in out[0])
     assert len(generate(model, prompt(40), 30, temperature=0)[0]) == 30
 
 
-@POSITIONS
+@ARCHITECTURES
 @pytest.mark.parametrize(
     ("block_size", "lengths", "new"),
     [
@@ -65,8 +65,8 @@ def test_prompt_longer_than_block_size(use_rope):
         (16, [3, 17, 19, 21, 24, 27, 30, 34], 30),  # prompts longer than block_size, cut
     ],
 )
-def test_batch_of_different_lengths_equals_each_prompt_alone(use_rope, block_size, lengths, new):
-    model = tiny_model(block_size=block_size, use_rope=use_rope)
+def test_batch_of_different_lengths_equals_each_prompt_alone(arch, block_size, lengths, new):
+    model = tiny_model(block_size=block_size, **arch)
     prompts = [prompt(n, seed=n) for n in lengths]
     alone = [generate(model, p, new, temperature=0)[0] for p in prompts]
     assert generate(model, prompts, new, temperature=0) == alone

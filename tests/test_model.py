@@ -12,6 +12,15 @@ from gptlit.config import GPTConfig
 from gptlit.model import GPT
 
 POSITIONS = pytest.mark.parametrize("use_rope", [True, False], ids=["rope", "learned"])
+# The variants past GPT-NeoX's shape, each on its own and all together.
+VARIANTS = [
+    dict(mlp="swiglu"),
+    dict(mlp="relu2"),
+    dict(n_kv_heads=2),
+    dict(n_kv_heads=1, qk_norm=True),
+    dict(tie_embeddings=False),
+    dict(norm_type="rmsnorm", mlp="swiglu", n_kv_heads=2, qk_norm=True, tie_embeddings=False, bias=False),
+]
 
 
 def tiny_config(**overrides) -> GPTConfig:
@@ -41,11 +50,33 @@ def tiny_model(seed: int = 0, **overrides) -> GPT:
         (dict(vocab_size=-1), "vocab_size"),
         (dict(norm_type="batchnorm"), "norm_type"),
         (dict(dropout=1.0), "dropout"),
+        (dict(n_heads=4, n_kv_heads=3), "n_kv_heads"),
+        (dict(n_kv_heads=0), "n_kv_heads"),
+        (dict(mlp="geglu"), "mlp"),
+        (dict(mlp_hidden=0), "mlp_hidden"),
     ],
 )
 def test_config_rejects_bad_fields(overrides, field):
     with pytest.raises(ValueError, match=field):
         tiny_config(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("embed_dim", "mlp", "mlp_hidden", "hidden"),
+    [
+        (288, "swiglu", None, 768),
+        (512, "swiglu", None, 1376),
+        (64, "gelu", None, 256),
+        (64, "relu2", None, 256),
+        (64, "swiglu", 100, 100),
+    ],
+)
+def test_mlp_hidden_width_rule(embed_dim, mlp, mlp_hidden, hidden):
+    """SwiGLU: 8/3 of embed_dim rounded up to a multiple of 32 (llama2.c's 15M model: 288 -> 768)."""
+    config = tiny_config(embed_dim=embed_dim, mlp=mlp, mlp_hidden=mlp_hidden)
+    assert config.hidden_size == hidden
+    fc = GPT(config).blocks[0].mlp.fc
+    assert fc.out_features == (2 if mlp == "swiglu" else 1) * hidden
 
 
 def test_config_odd_head_size_is_fine_without_rope():
@@ -58,10 +89,11 @@ def test_config_odd_head_size_is_fine_without_rope():
 
 
 @POSITIONS
-@pytest.mark.parametrize("norm_type", ["layernorm", "rmsnorm"])
-def test_forward_backward_every_parameter_gets_a_gradient(norm_type, use_rope):
+@pytest.mark.parametrize("variant", [dict(norm_type="layernorm"), dict(norm_type="rmsnorm"), *VARIANTS], ids=str)
+def test_forward_backward_every_parameter_gets_a_gradient(variant, use_rope):
     torch.manual_seed(0)
-    model = GPT(tiny_config(norm_type=norm_type, use_rope=use_rope, dropout=0.1)).train()
+    norm_type = variant.get("norm_type", "layernorm")
+    model = GPT(tiny_config(use_rope=use_rope, dropout=0.1, **variant)).train()
     idx = torch.randint(0, model.config.vocab_size, (2, model.config.block_size + 1))
     logits = model(idx[:, :-1])
     assert logits.shape == (2, model.config.block_size, model.config.vocab_size)
@@ -103,6 +135,13 @@ def test_init_std_and_tied_head():
     assert model.lm_head.weight[0, 0].item() == 7.0
 
 
+def test_an_untied_head_has_its_own_matrix():
+    model = GPT(tiny_config(tie_embeddings=False))
+    assert model.lm_head.weight is not model.wte.weight
+    assert model.lm_head.weight.data_ptr() != model.wte.weight.data_ptr()
+    assert model.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.2)
+
+
 def expected_params(config: GPTConfig) -> int:
     C, V = config.embed_dim, config.vocab_size
     per_layer = (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C) + 2 * (2 * C)
@@ -116,6 +155,14 @@ def test_num_params_counts_the_tied_matrix_once(use_rope):
     assert model.num_params() == expected_params(config)
     wpe = 0 if use_rope else config.block_size * config.embed_dim
     assert model.num_params(non_embedding=True) == expected_params(config) - config.vocab_size * config.embed_dim - wpe
+
+
+def test_untied_head_in_the_counts():
+    tied, untied = GPT(tiny_config()), GPT(tiny_config(tie_embeddings=False))
+    head = tied.config.vocab_size * tied.config.embed_dim
+    assert untied.num_params() == tied.num_params() + head
+    assert untied.num_params(non_embedding=True) == tied.num_params(non_embedding=True) + head
+    assert untied.flops_per_token() == tied.flops_per_token()  # the same matrix products
 
 
 @POSITIONS
@@ -162,9 +209,9 @@ def test_positions_matter(use_rope):
 # KV cache ------------------------------------------------------------------------------------------
 
 
-@POSITIONS
-def test_prefill_then_decode_matches_full_forward(use_rope):
-    model = tiny_model(use_rope=use_rope)
+@pytest.mark.parametrize("variant", [dict(use_rope=True), dict(use_rope=False), *VARIANTS], ids=str)
+def test_prefill_then_decode_matches_full_forward(variant):
+    model = tiny_model(**variant)
     idx = torch.randint(0, model.config.vocab_size, (3, 24))
     with torch.no_grad():
         full = model(idx)  # (B, T, V)
@@ -174,6 +221,12 @@ def test_prefill_then_decode_matches_full_forward(use_rope):
         decoded = [model(idx[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(15, 24)]
     cached = torch.cat([prefill, chunk, *decoded], dim=1)
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+
+
+def test_the_kv_cache_holds_n_kv_heads_heads():
+    model = tiny_model(n_kv_heads=2)  # 4 query heads
+    model.set_kv_cache(batch_size=3, max_seq_len=16)
+    assert model.blocks[0].attn.kv_cache.k.shape == model.blocks[0].attn.kv_cache.v.shape == (3, 2, 16, 8)
 
 
 def test_cache_len_reads_only_the_written_positions():

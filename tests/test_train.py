@@ -10,8 +10,10 @@ import pytest
 import torch
 from helpers import MODEL, OPTIM, params, run_cli, scalars, write_config
 
+from gptlit.config import GPTConfig
 from gptlit.data import TinyStoriesDataModule
-from gptlit.module import GPTLitModule, lr_factor
+from gptlit.module import GPTLitModule
+from gptlit.optim import lr_factor, wsd_factor
 
 
 def test_fit_trains_logs_and_checkpoints(workdir: Path) -> None:
@@ -39,13 +41,21 @@ def test_fit_trains_logs_and_checkpoints(workdir: Path) -> None:
     assert ckpt["gptlit"]["config"]["embed_dim"] == 32 and ckpt["gptlit"]["tokenizer"]
 
 
-def test_interrupted_run_resumes_to_the_same_parameters(workdir: Path) -> None:
+RECIPES = {  # optimizer and schedule: each must resume exactly
+    "adamw-cosine": [],
+    "muon-wsd": ["--model.optimizer", "muon", "--model.schedule", "wsd", "--model.decay_fraction", "0.5"],
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_interrupted_run_resumes_to_the_same_parameters(workdir: Path, recipe: str) -> None:
     """Ctrl-C at step 7, then `fit --ckpt_path last` with no config: same weights as a run never stopped."""
-    run_cli("fit", "--config", str(write_config(workdir, name="straight")))
+    options = RECIPES[recipe]
+    run_cli("fit", "--config", str(write_config(workdir, name="straight")), *options)
     config = write_config(workdir, name="cut")
     stop = '{"class_path": "probes.InterruptAt", "init_args": {"step": 7}}'
     with pytest.raises(SystemExit) as stopped:
-        run_cli("fit", "--config", str(config), f"--trainer.callbacks+={stop}")
+        run_cli("fit", "--config", str(config), *options, f"--trainer.callbacks+={stop}")
     assert stopped.value.code == 130
     cut = workdir / "lightning_logs" / "cut"
     assert torch.load(cut / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
@@ -59,15 +69,19 @@ def test_interrupted_run_resumes_to_the_same_parameters(workdir: Path) -> None:
     assert sorted(p.name for p in (workdir / "lightning_logs").iterdir()) == ["cut", "straight"]
     logged = scalars(cut)
     assert [step for step, _ in logged["train/loss"]] == list(range(16))  # one curve, no step twice
-    # The learning rate follows warmup + cosine across the resume, as in the straight run.
-    expected = [OPTIM["learning_rate"] * lr_factor(s, 4, 16, 0.1) for s in range(16)]
-    for logged_lrs in (logged["train/lr/decay"], scalars(workdir / "lightning_logs" / "straight")["train/lr/no_decay"]):
+    # The learning rate follows its schedule across the resume, as in the straight run.
+    factor = (lambda s: wsd_factor(s, 4, 16, 0.1, 0.5)) if "wsd" in recipe else (lambda s: lr_factor(s, 4, 16, 0.1))
+    expected = [OPTIM["learning_rate"] * factor(s) for s in range(16)]
+    for logged_lrs in (
+        logged["train/lr/no_decay"],
+        scalars(workdir / "lightning_logs" / "straight")["train/lr/no_decay"],
+    ):
         assert [step for step, _ in logged_lrs] == list(range(16))
         assert [value for _, value in logged_lrs] == pytest.approx(expected, rel=1e-5)
 
 
 def _first_step_grads(
-    batch_size: int, accumulate: int, clip: float | None = None, precision: str = "32-true"
+    batch_size: int, accumulate: int, clip: float | None = None, precision: str = "32-true", optimizer: str = "adamw"
 ) -> dict[str, torch.Tensor]:
     """Gradients the optimizer stepped with first (after accumulation and clipping; zeroed only later)."""
     grads: dict[str, torch.Tensor] = {}
@@ -84,7 +98,7 @@ def _first_step_grads(
     data = TinyStoriesDataModule(
         source="stories.txt", data_dir="data", vocab_size=320, block_size=32, batch_size=batch_size
     )
-    model = GPTLitModule(vocab_size=data.vocab_size, **MODEL, **OPTIM)
+    model = GPTLitModule(GPTConfig(vocab_size=data.vocab_size, **MODEL), **OPTIM, optimizer=optimizer)
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=1,
@@ -103,23 +117,27 @@ def _first_step_grads(
     return grads
 
 
-def test_gradient_accumulation_equals_one_big_batch(workdir: Path) -> None:
-    accumulated = _first_step_grads(batch_size=4, accumulate=2)
-    whole = _first_step_grads(batch_size=8, accumulate=1)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_gradient_accumulation_equals_one_big_batch(workdir: Path, optimizer: str) -> None:
+    accumulated = _first_step_grads(batch_size=4, accumulate=2, optimizer=optimizer)
+    whole = _first_step_grads(batch_size=8, accumulate=1, optimizer=optimizer)
     assert accumulated.keys() == whole.keys() and whole
     for name in whole:
         torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_gradient_clipping_caps_the_global_norm(workdir: Path, precision: str) -> None:
-    """Also under bf16-mixed, where Lightning's own clipping refuses a fused optimizer."""
+@pytest.mark.parametrize(
+    ("precision", "optimizer"), [("32-true", "adamw"), ("bf16-mixed", "adamw"), ("32-true", "muon")]
+)
+def test_gradient_clipping_caps_the_global_norm(workdir: Path, precision: str, optimizer: str) -> None:
+    """Also under bf16-mixed, where Lightning's own clipping refuses a fused optimizer, and before Muon's step."""
 
     def norm(grads):
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
 
-    unclipped = norm(_first_step_grads(batch_size=8, accumulate=1, precision=precision))
-    clipped = norm(_first_step_grads(batch_size=8, accumulate=1, clip=0.1, precision=precision))
+    options = dict(batch_size=8, accumulate=1, precision=precision, optimizer=optimizer)
+    unclipped = norm(_first_step_grads(**options))
+    clipped = norm(_first_step_grads(**options, clip=0.1))
     assert unclipped > 0.2
     assert clipped == pytest.approx(0.1, rel=1e-3)
 
@@ -127,8 +145,8 @@ def test_gradient_clipping_caps_the_global_norm(workdir: Path, precision: str) -
 @pytest.mark.slow
 def test_compiled_module_gives_the_same_loss_gradients_and_checkpoint_keys() -> None:
     torch.manual_seed(0)
-    eager = GPTLitModule(vocab_size=101, **MODEL)
-    compiled = GPTLitModule(vocab_size=101, **MODEL, compile=True)
+    eager = GPTLitModule(GPTConfig(vocab_size=101, **MODEL))
+    compiled = GPTLitModule(GPTConfig(vocab_size=101, **MODEL), compile=True)
     compiled.load_state_dict(eager.state_dict())
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     batch = (torch.randint(0, 101, (2, 32)), torch.randint(0, 101, (2, 32)))

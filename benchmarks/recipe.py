@@ -1,0 +1,226 @@
+"""Which training recipe learns the most per CPU-minute: validation bits per byte of candidates on the TinyStories
+slice, at equal tokens (one pass over the training split) or at equal wall-clock (minutes of training).
+
+    python benchmarks/recipe.py --budget tokens --seeds 0 1                   # every candidate, one pass each
+    python benchmarks/recipe.py --budget minutes --minutes 10 --candidates 0.1.0 tiny --seeds 0 1
+
+Every run is `python -m gptlit fit` in a subprocess, on the shared 2 MiB slice with 10% of its stories held out
+(~230 stories, ~50k tokens: enough to tell 1% apart), and is scored on all of them afterwards (bpb of the last
+checkpoint, in float32). "0.1.0" is gptlit 0.1.0's configs/tiny.yaml; "tiny" is today's configs/tiny.yaml; the
+others change one thing of a reference recipe (``--reference``). A minutes budget is met by sizing each run's
+max_steps from its own speed, measured first in a short run (so that its schedule ends where the budget does):
+the table reports the training minutes each run really took (Lightning's ThroughputMonitor time, validation
+excluded). Results: a table with ratios to the first candidate, and ``--write`` puts it in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import numpy as np
+import torch
+import yaml
+from common import machine, markdown_table, write_section
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gptlit.model import GPT
+from gptlit.store import check_bin, read_meta
+
+ROOT = Path(__file__).parents[1]
+CORPUS = ROOT.parent / "shared" / "data" / "tinystories-train-2mib.txt"
+VAL_FRACTION = 0.1
+
+# gptlit 0.1.0's configs/tiny.yaml, the baseline (model keys in today's nesting).
+RECIPE_0_1_0 = {
+    "trainer": {"precision": "bf16-mixed", "gradient_clip_val": 1.0},
+    "model": {
+        "config": {"block_size": 256, "embed_dim": 256, "n_heads": 4, "n_layers": 4, "dropout": 0.0},
+        "learning_rate": 1.0e-3,
+        "min_lr": 1.0e-4,
+        "warmup": 0.05,
+        "weight_decay": 0.1,
+    },
+    "data": {"vocab_size": 4096, "tokenizer_train_stories": 20000, "batch_size": 16},
+}
+# Changes to the reference recipe, one each (a dotted key: its value).
+CANDIDATES: dict[str, dict[str, object]] = {
+    "0.1.0": {},
+    "fp32": {"trainer.precision": "32-true"},
+    "muon": {"model.optimizer": "muon"},
+    "muon-lr0.01": {"model.optimizer": "muon", "model.muon_lr": 0.01},
+    "muon-lr0.04": {"model.optimizer": "muon", "model.muon_lr": 0.04},
+    "wsd": {"model.schedule": "wsd"},
+    "lr2e-3": {"model.learning_rate": 2e-3, "model.min_lr": 2e-4},
+    "lr4e-3": {"model.learning_rate": 4e-3, "model.min_lr": 4e-4},
+    "swiglu": {"model.config.mlp": "swiglu"},
+    "relu2": {"model.config.mlp": "relu2"},
+    "rmsnorm": {"model.config.norm_type": "rmsnorm"},
+    "qk_norm": {"model.config.qk_norm": True},
+    "untied": {"model.config.tie_embeddings": False},
+    "gqa": {"model.config.n_kv_heads": 2},
+    "batch8": {"data.batch_size": 8},
+    "batch32": {"data.batch_size": 32},
+    "deeper": {"model.config.n_layers": 6, "model.config.embed_dim": 192, "model.config.n_heads": 3},
+    "wider": {"model.config.n_layers": 2, "model.config.embed_dim": 384, "model.config.n_heads": 6},
+    "dropout0.1": {"model.config.dropout": 0.1},
+    "wd0.3": {"model.weight_decay": 0.3},
+}
+
+
+def recipe(name: str, reference: dict) -> dict:
+    """The full settings of a candidate: "0.1.0", "tiny" (configs/tiny.yaml), or the reference changed."""
+    if name == "0.1.0":
+        return json.loads(json.dumps(RECIPE_0_1_0))
+    if name == "tiny":
+        settings = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+        return {k: settings[k] for k in ("trainer", "model", "data") if k in settings}
+    settings = json.loads(json.dumps(reference))
+    for key, value in CANDIDATES[name].items():
+        *path, last = key.split(".")
+        node = settings
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return settings
+
+
+def write_run_config(work: Path, name: str, settings: dict, max_steps: int, seed: int) -> Path:
+    trainer = {k: v for k, v in settings["trainer"].items() if k != "callbacks"}
+    config = {
+        "seed_everything": seed,
+        "trainer": {
+            **trainer,
+            "max_steps": max_steps,
+            "val_check_interval": max_steps,  # one validation, at the end: the score comes from the full split below
+            "limit_val_batches": 1,
+            "check_val_every_n_epoch": None,
+            "log_every_n_steps": 10,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "callbacks": [],
+        },
+        "model": settings["model"],
+        "data": {
+            **settings["data"],
+            "source": str(CORPUS),
+            "data_dir": str(work / f"data-{settings['data']['vocab_size']}"),
+            "val_fraction": VAL_FRACTION,
+            "num_workers": 0,
+        },
+        "checkpoint": {"every_n_train_steps": max_steps},
+    }
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def fit(work: Path, run: str, config: Path) -> Path:
+    """Train in a fresh process; returns the run directory."""
+    command = [sys.executable, "-m", "gptlit", "fit", "--config", str(config), "--run_name", run, "--overwrite", "true"]
+    subprocess.run(command, cwd=work, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return work / "lightning_logs" / run
+
+
+def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def tokens_per_second(work: Path, name: str, settings: dict) -> float:
+    """Training speed of a candidate, from a short run (ThroughputMonitor's windows of 10 batches)."""
+    config = write_run_config(work, f"{name}-speed", settings, max_steps=40, seed=0)
+    rates = [v for _, v in scalars(fit(work, f"{name}-speed", config))["train/device/items_per_sec"]]
+    return statistics.median(rates[1:] or rates)
+
+
+@torch.inference_mode()
+def score(run: Path, data_dir: Path) -> float:
+    """Bits per byte of the whole held-out split under the run's last checkpoint (float32, every window)."""
+    model = GPT.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
+    meta = read_meta(data_dir)
+    path, dtype, count = check_bin(data_dir, meta, "val")
+    tokens = torch.from_numpy(np.fromfile(path, dtype=dtype).astype(np.int64))
+    T = model.config.block_size
+    windows = tokens[: (count - 1) // T * T + 1]
+    x = windows[:-1].view(-1, T)  # (N, T)
+    y = windows[1:].view(-1, T)
+    nats = sum(model.loss(x[i : i + 16], y[i : i + 16]).item() * len(x[i : i + 16]) for i in range(0, len(x), 16))
+    bytes_per_token = meta["splits"]["val"]["text_bytes"] / meta["splits"]["val"]["tokens"]
+    return nats / len(x) / math.log(2) / bytes_per_token
+
+
+def train_minutes(run: Path) -> float:
+    """Training time of the run (ThroughputMonitor's, validation excluded), in minutes."""
+    return scalars(run)["train/time"][-1][1] / 60
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", choices=["tokens", "minutes"], default="tokens")
+    parser.add_argument("--minutes", type=float, default=10.0, help="the minutes budget's training time")
+    parser.add_argument("--passes", type=float, default=1.0, help="the tokens budget, in passes over the split")
+    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), help=f"of {', '.join(CANDIDATES)}, tiny")
+    parser.add_argument("--reference", default="fp32", help="the candidate the others change one thing of")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gptlit-recipe")
+    parser.add_argument("--write", action="store_true", help="record the table in benchmarks/README.md")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    reference = recipe(args.reference, RECIPE_0_1_0) if args.reference != "0.1.0" else RECIPE_0_1_0
+    rows, results = [], {}
+    for name in args.candidates:
+        settings = recipe(name, reference)
+        tokens_per_step = settings["data"]["batch_size"] * settings["model"]["config"]["block_size"]
+        steps, bpbs, minutes = None, [], []
+        for seed in args.seeds:
+            if steps is None:
+                steps = budget_steps(args, name, settings, tokens_per_step)
+            run = fit(args.work, f"{name}-{seed}", write_run_config(args.work, name, settings, steps, seed))
+            data_dir = args.work / f"data-{settings['data']['vocab_size']}"
+            bpbs.append(score(run, data_dir))
+            minutes.append(train_minutes(run))
+            print(f"{name} seed {seed}: {steps} steps, {minutes[-1]:.2f} min, val bpb {bpbs[-1]:.4f}", flush=True)
+        results[name] = statistics.mean(bpbs)
+        first = results[args.candidates[0]]
+        per_seed = " / ".join(f"{b:.4f}" for b in bpbs)
+        figures = [f"{statistics.mean(minutes):.2f}", per_seed, f"{results[name]:.4f}", f"{results[name] / first:.3f}"]
+        rows.append([name, f"{steps}", f"{steps * tokens_per_step:,}", *figures])
+    table = markdown_table(["recipe", "steps", "tokens", "train min", "val bpb per seed", "mean", "vs first"], rows)
+    budget = f"{args.minutes:g} minutes of training" if args.budget == "minutes" else f"{args.passes:g} pass(es)"
+    report = (
+        f"`python benchmarks/recipe.py --budget {args.budget}`: {budget} on the TinyStories slice, seeds "
+        f"{', '.join(map(str, args.seeds))}, 10% of its stories held out and scored whole; one change each to "
+        f"the `{args.reference}` recipe.\nMachine: {machine()}.\n\n{table}\n"
+    )
+    print(report)
+    if args.write:
+        write_section(
+            f"Recipes: {args.budget}" + (f", {args.minutes:g} min" if args.budget == "minutes" else ""), report
+        )
+
+
+def budget_steps(args: argparse.Namespace, name: str, settings: dict, tokens_per_step: int) -> int:
+    """Optimizer steps of a run: one pass over the training split, or what the minutes budget allows."""
+    if args.budget == "minutes":
+        return max(10, round(args.minutes * 60 * tokens_per_second(args.work, name, settings) / tokens_per_step))
+    data_dir = args.work / f"data-{settings['data']['vocab_size']}"
+    if not (data_dir / "meta.json").exists():  # prepare it with a first, tiny run
+        fit(args.work, f"{name}-prepare", write_run_config(args.work, name, settings, max_steps=1, seed=0))
+    train_tokens = read_meta(data_dir)["splits"]["train"]["tokens"]
+    return max(10, round(args.passes * train_tokens / tokens_per_step))
+
+
+if __name__ == "__main__":
+    main()

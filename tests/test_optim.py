@@ -1,0 +1,104 @@
+"""Optimizers and schedules (gptlit.optim): the groups, Muon beside AdamW as one optimizer, WSD."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from helpers import tiny_model
+
+from gptlit.optim import Muon, MuonAdamW, build_adamw, build_muon, lr_factor, parameter_groups, wsd_factor
+
+MUON = dict(muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.01, muon_adjust_lr="original")
+
+
+def test_wsd_warms_up_holds_then_decays_linearly_to_the_minimum():
+    factors = [wsd_factor(step, 10, 100, 0.1, 0.2) for step in range(101)]
+    assert factors[0] == pytest.approx(1 / 11) and factors[9] == pytest.approx(10 / 11)
+    assert factors[10:80] == [1.0] * 70  # stable at the peak until the last 20 steps
+    assert factors[80] == 1.0 and factors[90] == pytest.approx(0.55) and factors[100] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(factors[80:]))
+    # The cosine schedule, for comparison: it leaves the peak right after warmup.
+    assert lr_factor(11, 10, 100, 0.1) < 1.0
+
+
+@pytest.mark.parametrize(
+    "variant", [{}, dict(tie_embeddings=False, use_rope=False, qk_norm=True)], ids=["tied", "untied"]
+)
+def test_each_parameter_in_one_group_matrices_only_from_the_blocks(variant):
+    model = tiny_model(**variant)
+    groups = parameter_groups(model)
+    ids = [id(p) for group in groups.values() for p in group]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    blocks = {id(p) for block in model.blocks for p in block.parameters() if p.dim() == 2}
+    assert {id(p) for p in groups["matrices"]} == blocks
+    assert [id(p) for p in groups["head"]] == ([] if model.config.tie_embeddings else [id(model.lm_head.weight)])
+    assert id(model.wte.weight) in {id(p) for p in groups["no_decay"]}
+
+
+def train(model, optimizer, steps: int, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randint(0, model.config.vocab_size, (2, 2, 16), generator=generator)
+        model.loss(x, y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_muon_updates_the_matrices_and_adamw_the_rest_as_one_optimizer():
+    model = tiny_model(tie_embeddings=False).train()
+    optimizer = build_muon(model, 1e-3, 0.1, (0.9, 0.95), **MUON)
+    assert isinstance(optimizer, MuonAdamW)
+    assert [g["name"] for g in optimizer.param_groups] == ["muon", "head", "no_decay"]
+    assert optimizer.muon.param_groups[0] is optimizer.param_groups[0]  # shared: a scheduler's lr reaches Muon
+    before = copy.deepcopy(model.state_dict())
+    train(model, optimizer, 2)
+    assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # every parameter moved
+    muon_state = optimizer.state[model.blocks[0].attn.qkv.weight]
+    assert set(muon_state) == {"momentum_buffer"}
+    assert {"exp_avg", "exp_avg_sq"} <= set(optimizer.state[model.wte.weight])
+    # Muon orthogonalizes: the update of a matrix is not AdamW's.
+    adamw_model = tiny_model(tie_embeddings=False).train()
+    train(adamw_model, build_adamw(adamw_model, 1e-3, 0.1, (0.9, 0.95)), 2)
+    assert not torch.allclose(model.blocks[0].mlp.fc.weight, adamw_model.blocks[0].mlp.fc.weight)
+
+
+def test_a_saved_and_restored_muon_optimizer_goes_on_exactly():
+    """What resuming a run needs: state_dict holds both optimizers' state, load_state_dict restores it."""
+    straight = tiny_model().train()
+    optimizer = build_muon(straight, 1e-3, 0.1, (0.9, 0.95), **MUON)
+    train(straight, optimizer, 3, seed=0)
+    saved_model, saved_optimizer = copy.deepcopy(straight.state_dict()), copy.deepcopy(optimizer.state_dict())
+    train(straight, optimizer, 3, seed=1)
+
+    resumed = tiny_model().train()
+    resumed.load_state_dict(saved_model)
+    optimizer = build_muon(resumed, 1e-3, 0.1, (0.9, 0.95), **MUON)
+    optimizer.load_state_dict(saved_optimizer)
+    assert optimizer.muon.state is optimizer.state and optimizer.adamw.param_groups[0] is optimizer.param_groups[1]
+    train(resumed, optimizer, 3, seed=1)
+    for name, tensor in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_muon_in_bfloat16_is_torchs_muon_and_float32_stays_close():
+    """gptlit's Muon only chooses the dtype of the Newton-Schulz iteration: in bfloat16 it is torch's step."""
+    torch.manual_seed(0)
+    weights = [torch.randn(48, 16), torch.randn(16, 40)]  # both orientations of a rectangle
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(3)]
+
+    def run(optimizer_class, **options) -> list[torch.Tensor]:
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        optimizer = optimizer_class(params, lr=0.02, weight_decay=0.1, adjust_lr_fn="original", **options)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+        return [p.detach() for p in params]
+
+    for ours, theirs in zip(run(Muon, ns_dtype=torch.bfloat16), run(torch.optim.Muon), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    for ours, theirs in zip(run(Muon, ns_dtype=torch.float32), run(torch.optim.Muon), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-3)  # bfloat16's rounding, no more
