@@ -65,6 +65,9 @@ def migrate_checkpoint(checkpoint: dict[str, Any], path: str | Path = "the check
         saved["config"] = {**FORMAT_1_MEANING, **saved.get("config", {})}
         if isinstance(checkpoint.get("hyper_parameters"), dict):
             checkpoint["hyper_parameters"] = nest_model_config(checkpoint["hyper_parameters"])
+        for optimizer in checkpoint.get("optimizer_states", []):  # 0.1.0's AdamW: its groups, named as now
+            for group, name in zip(optimizer.get("param_groups", []), ("decay", "no_decay"), strict=False):
+                group.setdefault("name", name)
     saved["format"] = CHECKPOINT_FORMAT
     return checkpoint
 

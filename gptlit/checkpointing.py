@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -18,7 +18,7 @@ from gptlit.errors import ConfigError
 LAST, BEST = "last.ckpt", "best.ckpt"
 
 
-class LastCheckpoint(L.Callback):
+class LastCheckpoint(Checkpoint):
     """Keeps ``checkpoints/last.ckpt``, the run's newest state: every ``every_n_train_steps``, at the end, and
     when a run is stopped (SIGTERM, or Ctrl-C with :class:`gptlit.stopping.GracefulStop`).
 
@@ -27,7 +27,9 @@ class LastCheckpoint(L.Callback):
     metrics to the logger only after this callback has run (and validation, if due, after that). So it is
     staged as ``.last.ckpt.staged`` and renamed to ``last.ckpt`` when the next step starts (or training ends):
     a run killed in between resumes from the checkpoint before, whose steps are all in the TensorBoard curve,
-    and the curve stays one line with every step once.
+    and the curve stays one line with every step once. A ``Checkpoint`` for Lightning, which runs its hooks
+    after those of other callbacks and of BestCheckpoint (configured before it): a checkpoint saved after a
+    validation holds the best score that validation gave.
 
     Args:
         every_n_train_steps: Save ``last.ckpt`` every this many optimizer steps.
@@ -44,7 +46,8 @@ class LastCheckpoint(L.Callback):
 
     @property
     def state_key(self) -> str:
-        # The key gptlit 0.1.0 saved this callback's state under: resuming its checkpoints finds it there.
+        # The key gptlit 0.1.0 saved this callback's (empty) state under: Lightning finds it when resuming a 0.1.0
+        # checkpoint, instead of warning that a callback of the checkpoint is missing.
         n = self.every_n_train_steps
         key = {
             "monitor": None,

@@ -31,6 +31,7 @@ from gptlit.module import GPTLitModule
 from gptlit.run_config import SaveRunConfig, command_options, is_rank_zero, migrated_config_args
 from gptlit.runs import (
     CHECKPOINT_ALIASES,
+    LOGS_DIR,
     check_same_optimizer,
     check_same_shape,
     latest_run,
@@ -71,25 +72,29 @@ class FunctionArgumentParser(OneLineErrors, ArgumentParser):
 
 
 def _add_config_of_run(args: list[str]) -> list[str]:
-    """``--ckpt_path`` with no config file resumes with the config of the checkpoint's run.
+    """``--ckpt_path`` with no config file resumes the checkpoint's run, with that run's config and name.
 
-    ``last``/``best`` name the most recently written run; a file in ``<run>/checkpoints/`` names its run.
+    ``last``/``best`` name the run ``--run_name`` gives, else the most recently written one; a file in
+    ``<root>/lightning_logs/<run>/checkpoints/`` names its run (also one copied or renamed since).
     """
     options = command_options(args[1:])
     if options.ckpt_path is None or options.config:
         return args
     if options.ckpt_path not in CHECKPOINT_ALIASES:
-        config = Path(options.ckpt_path).parent.parent / "config.yaml"
-        in_run = Path(options.ckpt_path).parent.name == "checkpoints" and config.is_file()
-        return [args[0], "--config", str(config), *args[1:]] if in_run else args
+        path = Path(options.ckpt_path)
+        run = path.parent.parent
+        if path.parent.name != "checkpoints" or not (run / "config.yaml").is_file():
+            return args
+        where = ["--trainer.default_root_dir", str(run.parent.parent)] if run.parent.name == LOGS_DIR else []
+        return [args[0], "--config", str(run / "config.yaml"), "--run_name", run.name, *where, *args[1:]]
     root = options.root_dir or os.getcwd()
-    run = latest_run(root)
-    if run is None:
+    run = run_dir(root, options.run_name) if options.run_name else latest_run(root)
+    if run is None or not (run / "config.yaml").is_file():
         raise UsageError(
-            f"--ckpt_path {options.ckpt_path}: no run to resume under {Path(root) / 'lightning_logs'}; "
+            f"--ckpt_path {options.ckpt_path}: no run to resume in {run or Path(root) / LOGS_DIR}; "
             "start one with `python -m gptlit fit --config configs/tiny.yaml`"
         )
-    return [args[0], "--config", str(run / "config.yaml"), *args[1:]]
+    return [args[0], "--config", str(run / "config.yaml"), "--run_name", run.name, *args[1:]]
 
 
 class GPTLitCLI(KeepConfigOverCheckpoint, LightningCLI):

@@ -16,11 +16,12 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 
-from gptlit.checkpoint import read_checkpoint
+from gptlit.checkpoint import read_checkpoint, tokenizer_json
 from gptlit.errors import UsageError
 from gptlit.hf_mapping import ARCHITECTURES, hf_config_dict, hf_model_type, to_hf_state_dict
-from gptlit.runs import find_checkpoint, load_model
-from gptlit.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN
+from gptlit.model import GPT
+from gptlit.runs import find_checkpoint
+from gptlit.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, Tokenizer
 
 
 def write_hf_dir(model, tokenizer, out_dir: Path) -> None:
@@ -69,17 +70,21 @@ def export(
         root_dir: The directory holding ``lightning_logs/``.
     """
     target = Path(out_dir)
+    for place in (target, *target.parents):
+        if place.exists() and not place.is_dir():
+            raise UsageError(f"--out_dir {target}: {place} is a file, not a directory; choose another --out_dir")
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise UsageError(f"{target} exists and is not empty; choose another --out_dir or pass --overwrite true")
     path = find_checkpoint(ckpt_path, root_dir, run_name)
-    model, tokenizer = load_model(path)
+    checkpoint = read_checkpoint(path)
+    model, tokenizer = GPT.from_checkpoint(checkpoint).eval(), Tokenizer.from_str(tokenizer_json(checkpoint, path))
     architecture = ARCHITECTURES[hf_model_type(model.config)]  # refuses a variant no architecture is, first
     target.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed into place: an interrupted export leaves no half directory.
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         write_hf_dir(model, tokenizer, staging)
-        (staging / "README.md").write_text(model_card(read_checkpoint(path), model.config, architecture))
+        (staging / "README.md").write_text(model_card(checkpoint, model.config, architecture))
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

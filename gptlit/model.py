@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Integral
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -197,10 +198,14 @@ class GPT(nn.Module):
         Read weights-only: a checkpoint whose pickle would run code is refused, never executed. Its
         tokenizer: ``gptlit.Tokenizer.from_checkpoint(path)``.
         """
-        checkpoint = read_checkpoint(path)
+        return cls.from_checkpoint(read_checkpoint(path)).to(map_location).eval()
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> GPT:
+        """The GPT of a checkpoint already read (`gptlit.checkpoint.read_checkpoint`)."""
         model = cls(GPTConfig(**checkpoint["gptlit"]["config"]))
         model.load_state_dict(model_state_dict(checkpoint))
-        return model.to(map_location).eval()
+        return model
 
     # Forward ---------------------------------------------------------------------------------------
 
@@ -333,8 +338,8 @@ class GPT(nn.Module):
 
         options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed)
         if not isinstance(token_ids, torch.Tensor):
-            nested = len(token_ids) > 0 and not isinstance(token_ids[0], int)
-            rows = [list(row) for row in token_ids] if nested else [list(token_ids)]
+            nested = len(token_ids) > 0 and not isinstance(token_ids[0], Integral)
+            rows = [[int(t) for t in row] for row in token_ids] if nested else [[int(t) for t in token_ids]]
             new = generate(self, rows, max_new_tokens, draft_table=draft_table, compile=compile, **options)
             out = [row + continuation for row, continuation in zip(rows, new, strict=True)]
             return out if nested else out[0]

@@ -26,7 +26,7 @@ class GPTLitModule(L.LightningModule):
     Args:
         config: The model's shape and variant (``model.config.*``; its vocab_size comes from data.vocab_size).
         learning_rate: Peak learning rate, reached at the end of warmup.
-        min_lr: Learning rate at the end of the cosine decay.
+        min_lr: Learning rate at the end of the schedule's decay (cosine or wsd).
         weight_decay: AdamW weight decay, applied to the weight matrices of linear layers only.
         betas: AdamW betas.
         warmup: Warmup length: a float below 1 is a fraction of all optimizer steps, an int a step count.
@@ -71,10 +71,6 @@ class GPTLitModule(L.LightningModule):
             raise ConfigError(f"min_lr ({min_lr}) must be between 0 and learning_rate ({learning_rate})")
         if not 0.0 < decay_fraction <= 1.0:
             raise ConfigError(f"decay_fraction must be in (0, 1], got {decay_fraction}")
-        if optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-            raise ConfigError(
-                f"optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}"
-            )
         self.save_hyperparameters(ignore=["config"])
         self.hparams["config"] = config.to_dict()  # plain values: a checkpoint stays loadable weights-only
         self.config = config
@@ -84,7 +80,7 @@ class GPTLitModule(L.LightningModule):
         self.tokenizer: Tokenizer | None = None  # from the data module, or from a checkpoint
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
-        self.flops_per_batch = 0  # of the latest training batch, over all processes: for ThroughputMonitor
+        self.flops_per_batch = 0  # of this process's latest training batch: for ThroughputMonitor
         self._seed = torch.initial_seed()  # set again when fitting starts
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -147,7 +143,7 @@ class GPTLitModule(L.LightningModule):
             )
         self.log("train/loss", loss, prog_bar=True)
         x = batch[0]  # (B, T)
-        self.flops_per_batch = self.model.flops_per_token(x.size(1)) * x.numel() * self.trainer.world_size
+        self.flops_per_batch = self.model.flops_per_token(x.size(1)) * x.numel()  # Lightning sums the processes
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:

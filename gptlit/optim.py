@@ -39,7 +39,7 @@ def wsd_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float,
     decay_start = max(warmup_steps, total_steps - decay_steps)
     if step < decay_start:
         return 1.0
-    progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+    progress = min(1.0, (step + 1 - decay_start) / max(1, total_steps - decay_start))  # 1 at the last step
     return 1.0 - progress * (1.0 - min_ratio)
 
 
@@ -123,21 +123,30 @@ def shape_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
 
 
 class Muon(torch.optim.Muon):
-    """``torch.optim.Muon`` with its Newton-Schulz iteration in ``ns_dtype``.
+    """``torch.optim.Muon`` with its Newton-Schulz iteration in ``ns_dtype``, and fused matrices taken apart.
 
     torch runs the iteration in bfloat16 always: right on a GPU, but a CPU without bfloat16 units (AVX2, as
     the AMD EPYC of benchmarks/README.md) runs those products some 40x slower than float32, and Muon's steps
-    took 7x AdamW's there. In bfloat16 this step is torch's own, operation for operation (tests/test_optim.py).
+    took 7x AdamW's there. gptlit fuses q, k and v into one matrix, and SwiGLU's gate and up: ``row_blocks``
+    names the row blocks of such a matrix, each orthogonalized (and its rate scaled) as the matrix it stands
+    for. In bfloat16 and without row blocks, this step is torch's own, operation for operation.
 
     Args:
         params: Weight matrices.
         ns_dtype: The dtype of the Newton-Schulz iteration.
+        row_blocks: Per fused matrix (by identity), the sizes of its row blocks.
         options: ``torch.optim.Muon``'s options.
     """
 
-    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, **options: Any) -> None:
+    def __init__(
+        self,
+        params,
+        ns_dtype: torch.dtype = torch.bfloat16,
+        row_blocks: dict[int, tuple[int, ...]] | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__(params, **options)
-        self.ns_dtype = ns_dtype
+        self.ns_dtype, self.row_blocks = ns_dtype, row_blocks or {}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -146,7 +155,8 @@ class Muon(torch.optim.Muon):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, momentum, options = group["lr"], group["momentum"], (group["ns_coefficients"], group["ns_steps"])
+            lr, momentum = group["lr"], group["momentum"]
+            iteration = (group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -156,9 +166,14 @@ class Muon(torch.optim.Muon):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = newton_schulz(update, *options, group["eps"], self.ns_dtype)
                 p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update, alpha=-shape_lr(lr, group["adjust_lr_fn"], p.shape))
+                blocks = update.split(self.row_blocks[id(p)]) if id(p) in self.row_blocks else (update,)
+                start = 0
+                for block in blocks:
+                    ortho = newton_schulz(block, *iteration)
+                    rows = p[start : start + block.size(0)]
+                    rows.add_(ortho, alpha=-shape_lr(lr, group["adjust_lr_fn"], block.shape))
+                    start += block.size(0)
         return loss
 
 
@@ -206,8 +221,20 @@ class MuonAdamW(torch.optim.Optimizer):
         self._share()
 
 
+def fused_row_blocks(model: GPT) -> dict[int, tuple[int, ...]]:
+    """The row blocks of the model's fused matrices, by parameter identity: [q; k; v] of each attention, and
+    [gate; up] of each SwiGLU MLP."""
+    config, blocks = model.config, {}
+    q, kv = config.n_heads * config.head_size, config.kv_heads * config.head_size
+    for block in model.blocks:
+        blocks[id(block.attn.qkv.weight)] = (q, kv, kv)
+        if config.mlp == "swiglu":
+            blocks[id(block.mlp.fc.weight)] = (config.hidden_size, config.hidden_size)
+    return blocks
+
+
 def build_muon(
-    model: nn.Module,
+    model: GPT,
     learning_rate: float,
     weight_decay: float,
     betas: tuple[float, float],
@@ -229,6 +256,6 @@ def build_muon(
     if ns_dtype is None:
         ns_dtype = torch.bfloat16 if next(model.parameters()).is_cuda else torch.float32
     muon = {"lr": muon_lr, "momentum": muon_momentum, "weight_decay": muon_weight_decay,
-            "adjust_lr_fn": muon_adjust_lr, "ns_dtype": ns_dtype}  # fmt: skip
+            "adjust_lr_fn": muon_adjust_lr, "ns_dtype": ns_dtype, "row_blocks": fused_row_blocks(model)}  # fmt: skip
     adamw = {"lr": learning_rate, "betas": betas, "fused": _fused(model, fused)}
     return MuonAdamW(groups["matrices"], [g for g in others if g["params"]], muon, adamw)

@@ -67,10 +67,12 @@ class SaveRunConfig(SaveConfigCallback):
 
 def command_options(args: list[str]) -> argparse.Namespace:
     """The options gptlit reads before LightningCLI does: ``config`` (a list: ``-c X``, ``--config X`` or
-    ``--config=X``, each as often as given), ``ckpt_path`` and ``root_dir`` (``--trainer.default_root_dir``)."""
+    ``--config=X``, each as often as given), ``ckpt_path``, ``run_name`` and ``root_dir``
+    (``--trainer.default_root_dir``)."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("-c", "--config", action="append", default=[])
     parser.add_argument("--ckpt_path")
+    parser.add_argument("--run_name")
     parser.add_argument("--trainer.default_root_dir", dest="root_dir")
     known, _ = parser.parse_known_args(args)
     return known
@@ -89,7 +91,7 @@ def migrate_config(config: dict[str, Any]) -> list[str]:
         for key in dropped:
             del checkpoint[key]
         if dropped:
-            notes.append("checkpoint: dropped the ModelCheckpoint options of gptlit 0.1.0 (they never applied)")
+            notes.append(f"checkpoint.{{{','.join(dropped)}}} dropped: last.ckpt takes every_n_train_steps and dirpath")
     model = config.get("model")
     if isinstance(model, dict):
         if model.get("peak_flops") is not None:
@@ -119,6 +121,9 @@ def migrated_config_args(args: list[str]) -> list[str]:
     out, i = [], 0
     while i < len(args):
         arg = args[i]
+        if arg.split("=", 1)[0] == "--model.peak_flops":  # gone: ThroughputMonitor measures MFU
+            i += 1 if "=" in arg else 2
+            continue
         if arg in ("-c", "--config") and i + 1 < len(args):
             out += [arg, _migrated_file(args[i + 1])]
             i += 2

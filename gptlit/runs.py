@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from gptlit.checkpoint import read_checkpoint
+from gptlit.checkpoint import read_checkpoint, tokenizer_json
 from gptlit.errors import UsageError
 from gptlit.model import GPT
 from gptlit.tokenizer import Tokenizer
@@ -89,7 +89,9 @@ def check_same_optimizer(checkpoint: dict[str, Any], optimizer: str, path: str |
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
     """The GPT (eval mode, on ``device``) and Tokenizer that a gptlit checkpoint carries, loaded weights-only."""
-    return GPT.load_from_checkpoint(path, device), Tokenizer.from_checkpoint(path)
+    checkpoint = read_checkpoint(path)
+    tokenizer = Tokenizer.from_str(tokenizer_json(checkpoint, path))
+    return GPT.from_checkpoint(checkpoint).to(device).eval(), tokenizer
 
 
 def find_checkpoint(ckpt_path: str, root: str | Path = ".", run_name: str | None = None) -> Path:

@@ -113,8 +113,7 @@ def sample(
     """
     if num_samples < 1:
         raise UsageError(f"num_samples must be >= 1, got {num_samples}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device(device)
     path = find_checkpoint(ckpt_path, root_dir, run_name)
     model, tokenizer = load_model(path, device)
     options = _decoding_options(tokenizer, temperature, draft_data, compile)
@@ -132,6 +131,19 @@ def sample(
         read_prompts(write)
     else:
         write(prompt)
+
+
+def _device(name: str) -> str:
+    """``--device``, checked: a device this torch can use."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device; use cpu, cuda, cuda:1 ... or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this torch sees no CUDA device; use --device cpu")
+    return name
 
 
 def _decoding_options(tokenizer: Tokenizer, temperature: float, draft_data: str | None, compile: bool) -> dict:

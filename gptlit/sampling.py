@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from functools import cache, partial
+from numbers import Integral
 from typing import Any, Protocol
 
 import torch
@@ -70,7 +71,7 @@ def as_rows(prompt_ids: Prompts) -> list[list[int]]:
     """One prompt or several, as lists of ids."""
     if isinstance(prompt_ids, torch.Tensor):
         return [prompt_ids.tolist()] if prompt_ids.dim() == 1 else prompt_ids.tolist()
-    if len(prompt_ids) > 0 and isinstance(prompt_ids[0], int):
+    if len(prompt_ids) > 0 and isinstance(prompt_ids[0], Integral):  # numpy integers too
         return [list(prompt_ids)]
     return [list(row) for row in prompt_ids]
 

@@ -10,6 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
+from gptlit.checkpoint import model_state_dict
 from gptlit.errors import ConfigError
 from gptlit.generate import generate
 from gptlit.model import GPT
@@ -109,6 +110,5 @@ def sampling_model(trainer: L.Trainer, pl_module: L.LightningModule) -> nn.Modul
     if not trainer.is_global_zero:
         return None
     model = GPT(pl_module.config)
-    prefix = "model."
-    model.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    model.load_state_dict(model_state_dict({"state_dict": state}))
     return model.to(pl_module.device)

@@ -240,6 +240,12 @@ CASES = [
         "cannot create the run directory blocker/runs/lightning_logs/elsewhere: blocker is not a directory",
         setup=write_blocking_file,
     ),
+    Case("sample on a device that is not one", "sample --device gpu0", "--device gpu0: not a device"),
+    Case(
+        "export into a file",
+        "export --ckpt_path last --out_dir stories.txt",
+        "stories.txt is a file, not a directory",
+    ),
     # Not errors: these must work.
     Case(
         "prompt longer than block_size",

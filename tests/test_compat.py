@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli, write_corpus
+from helpers import run_cli, scalars, write_corpus
 
 from gptlit.module import GPTLitModule
 from gptlit.runs import load_model
@@ -45,6 +45,7 @@ def test_an_old_run_validates_and_resumes_from_its_own_config(old_run: Path, cap
         Tokenizer.from_str(before["gptlit"]["tokenizer"]).sha256
     )
     run_cli("fit", "--ckpt_path", "last", "--trainer.max_steps", "9")
+    assert {"train/lr/decay", "train/lr/no_decay"} <= set(scalars(old_run))  # 0.1.0's groups, named as now
     after = torch.load(last, weights_only=True)
     assert after["global_step"] == 9
     assert sorted(p.name for p in last.parent.glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]

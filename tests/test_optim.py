@@ -18,8 +18,9 @@ def test_wsd_warms_up_holds_then_decays_linearly_to_the_minimum():
     factors = [wsd_factor(step, 10, 100, 0.1, 0.2) for step in range(101)]
     assert factors[0] == pytest.approx(1 / 11) and factors[9] == pytest.approx(10 / 11)
     assert factors[10:80] == [1.0] * 70  # stable at the peak until the last 20 steps
-    assert factors[80] == 1.0 and factors[90] == pytest.approx(0.55) and factors[100] == pytest.approx(0.1)
-    assert all(a >= b for a, b in itertools.pairwise(factors[80:]))
+    assert factors[80] == pytest.approx(1 - 0.9 / 20) and factors[89] == pytest.approx(0.55)
+    assert factors[99] == pytest.approx(0.1) == factors[100]  # the minimum at the last step, and after
+    assert all(a > b for a, b in itertools.pairwise(factors[79:100]))
     # The cosine schedule, for comparison: it leaves the peak right after warmup.
     assert lr_factor(11, 10, 100, 0.1) < 1.0
 
@@ -102,3 +103,20 @@ def test_muon_in_bfloat16_is_torchs_muon_and_float32_stays_close():
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     for ours, theirs in zip(run(Muon, ns_dtype=torch.float32), run(torch.optim.Muon), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-3)  # bfloat16's rounding, no more
+
+
+def test_a_fused_matrix_is_orthogonalized_block_by_block_as_the_matrices_it_stands_for():
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(16, 12) for _ in range(3))
+    grads = [torch.randn(48, 12) for _ in range(2)]
+    fused = torch.nn.Parameter(torch.cat([q, k, v]))
+    apart = [torch.nn.Parameter(w.clone()) for w in (q, k, v)]
+    fused_optimizer = Muon([fused], ns_dtype=torch.float32, row_blocks={id(fused): (16, 16, 16)}, lr=0.02)
+    apart_optimizer = Muon(apart, ns_dtype=torch.float32, lr=0.02)
+    for g in grads:
+        fused.grad = g.clone()
+        for p, block in zip(apart, g.split(16), strict=True):
+            p.grad = block.clone()
+        fused_optimizer.step()
+        apart_optimizer.step()
+    torch.testing.assert_close(fused.detach(), torch.cat([p.detach() for p in apart]), rtol=0, atol=1e-6)

@@ -48,6 +48,10 @@ def test_a_moved_run_resumes_and_resumes_again_from_its_latest_step(workdir: Pat
     (state,) = [s for key, s in best["callbacks"].items() if key.startswith("ModelCheckpoint")]
     assert float(state["best_model_score"]) == pytest.approx(min(v for _, v in val))
     assert Path(state["best_model_path"]).resolve() == run / "checkpoints" / "best.ckpt"
+    # last.ckpt, saved again after the validation of its step, holds the best score that validation gave.
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    (state,) = [s for key, s in last["callbacks"].items() if key.startswith("ModelCheckpoint")]
+    assert float(state["best_model_score"]) == pytest.approx(min(v for _, v in val))
 
 
 def test_a_moved_best_checkpoint_keeps_its_score() -> None:
@@ -75,3 +79,16 @@ def test_every_spelling_of_config_resumes_that_run(workdir: Path, spelling: list
     run_cli("fit", *args, "--ckpt_path", "last", "--trainer.max_steps", "6")
     assert step_of(alpha / "checkpoints" / "last.ckpt") == 6
     assert step_of(workdir / "lightning_logs" / "beta" / "checkpoints" / "last.ckpt") == 4
+
+
+def test_ckpt_path_last_resumes_the_named_run_and_a_copied_run_resumes_in_its_own_directory(workdir: Path) -> None:
+    run_cli("fit", "--config", str(write_config(workdir, name="alpha", max_steps=4)))
+    run_cli("fit", "--config", str(write_config(workdir, name="beta", max_steps=4)))  # the latest
+    runs = workdir / "lightning_logs"
+    run_cli("fit", "--ckpt_path", "last", "--run_name", "alpha", "--trainer.max_steps", "6")
+    assert step_of(runs / "alpha" / "checkpoints" / "last.ckpt") == 6
+    assert step_of(runs / "beta" / "checkpoints" / "last.ckpt") == 4
+    shutil.copytree(runs / "beta", runs / "beta-fork")
+    run_cli("fit", "--ckpt_path", str(runs / "beta-fork" / "checkpoints" / "last.ckpt"), "--trainer.max_steps", "8")
+    assert step_of(runs / "beta-fork" / "checkpoints" / "last.ckpt") == 8
+    assert step_of(runs / "beta" / "checkpoints" / "last.ckpt") == 4  # the original is left as it was
