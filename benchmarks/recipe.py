@@ -76,6 +76,14 @@ CANDIDATES: dict[str, dict[str, object]] = {
     "dropout0.1": {"model.config.dropout": 0.1},
     "wd0.3": {"model.weight_decay": 0.3},
 }
+WSD_MUON = {"model.schedule": "wsd", "model.optimizer": "muon", "model.muon_lr": 0.04}
+MODERN = {"model.config.mlp": "relu2", "model.config.tie_embeddings": False, "model.config.qk_norm": True}
+CANDIDATES |= {  # the changes that helped, together
+    "wsd+muon": WSD_MUON,
+    "wsd+muon+lr2e-3": {**WSD_MUON, "model.learning_rate": 2e-3, "model.min_lr": 2e-4},
+    "wsd+muon+modern": {**WSD_MUON, **MODERN},
+    "wsd+muon+modern+lr2e-3": {**WSD_MUON, **MODERN, "model.learning_rate": 2e-3, "model.min_lr": 2e-4},
+}
 
 
 def recipe(name: str, reference: dict) -> dict:
@@ -95,7 +103,7 @@ def recipe(name: str, reference: dict) -> dict:
     return settings
 
 
-def write_run_config(work: Path, name: str, settings: dict, max_steps: int, seed: int) -> Path:
+def write_run_config(work: Path, name: str, settings: dict, max_steps: int, seed: int, log_every: int = 10) -> Path:
     trainer = {k: v for k, v in settings["trainer"].items() if k != "callbacks"}
     config = {
         "seed_everything": seed,
@@ -105,7 +113,7 @@ def write_run_config(work: Path, name: str, settings: dict, max_steps: int, seed
             "val_check_interval": max_steps,  # one validation, at the end: the score comes from the full split below
             "limit_val_batches": 1,
             "check_val_every_n_epoch": None,
-            "log_every_n_steps": 10,
+            "log_every_n_steps": log_every,
             "enable_progress_bar": False,
             "enable_model_summary": False,
             "callbacks": [],
@@ -139,10 +147,11 @@ def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def tokens_per_second(work: Path, name: str, settings: dict) -> float:
-    """Training speed of a candidate, from a short run (ThroughputMonitor's windows of 10 batches)."""
-    config = write_run_config(work, f"{name}-speed", settings, max_steps=40, seed=0)
+    """Training speed of a candidate: the median of ThroughputMonitor's windows of 10 batches over a short run
+    (steps 10 to 16, the first ones warm up)."""
+    config = write_run_config(work, f"{name}-speed", settings, max_steps=16, seed=0, log_every=1)
     rates = [v for _, v in scalars(fit(work, f"{name}-speed", config))["train/device/items_per_sec"]]
-    return statistics.median(rates[1:] or rates)
+    return statistics.median(rates)
 
 
 @torch.inference_mode()
