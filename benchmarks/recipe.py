@@ -11,6 +11,8 @@ others change one thing of a reference recipe (``--reference``). A minutes budge
 max_steps from its own speed, measured first in a short run (so that its schedule ends where the budget does):
 the table reports the training minutes each run really took (Lightning's ThroughputMonitor time, validation
 excluded). Results: a table with ratios to the first candidate, and ``--write`` puts it in benchmarks/README.md.
+A run that ``--work`` already holds, finished with the same settings, is scored again rather than retrained
+(``--fresh`` retrains it): the table can gather runs made in several invocations.
 """
 
 from __future__ import annotations
@@ -78,11 +80,20 @@ CANDIDATES: dict[str, dict[str, object]] = {
 }
 WSD_MUON = {"model.schedule": "wsd", "model.optimizer": "muon", "model.muon_lr": 0.04}
 MODERN = {"model.config.mlp": "relu2", "model.config.tie_embeddings": False, "model.config.qk_norm": True}
+# The modern block in a shape that exports (Qwen3ForCausalLM): SwiGLU and RMSNorm instead of ReLU² and LayerNorm.
+QWEN3 = {**MODERN, "model.config.mlp": "swiglu", "model.config.norm_type": "rmsnorm", "model.config.bias": False}
 CANDIDATES |= {  # the changes that helped, together
     "wsd+muon": WSD_MUON,
     "wsd+muon+lr2e-3": {**WSD_MUON, "model.learning_rate": 2e-3, "model.min_lr": 2e-4},
+    "wsd+muon+lr3e-3": {**WSD_MUON, "model.learning_rate": 3e-3, "model.min_lr": 3e-4},
+    "wsd+muon+lr4e-3": {**WSD_MUON, "model.learning_rate": 4e-3, "model.min_lr": 4e-4},
+    "wsd+muon+lr6e-3": {**WSD_MUON, "model.learning_rate": 6e-3, "model.min_lr": 6e-4},
+    "wsd0.4+muon+lr4e-3": {**WSD_MUON, "model.decay_fraction": 0.4, "model.learning_rate": 4e-3, "model.min_lr": 4e-4},
+    "wsd+muon0.06+lr3e-3": {**WSD_MUON, "model.muon_lr": 0.06, "model.learning_rate": 3e-3, "model.min_lr": 3e-4},
     "wsd+muon+modern": {**WSD_MUON, **MODERN},
     "wsd+muon+modern+lr2e-3": {**WSD_MUON, **MODERN, "model.learning_rate": 2e-3, "model.min_lr": 2e-4},
+    "wsd+muon+modern+lr3e-3": {**WSD_MUON, **MODERN, "model.learning_rate": 3e-3, "model.min_lr": 3e-4},
+    "wsd+muon+qwen3+lr2e-3": {**WSD_MUON, **QWEN3, "model.learning_rate": 2e-3, "model.min_lr": 2e-4},
 }
 
 
@@ -133,8 +144,30 @@ def write_run_config(work: Path, name: str, settings: dict, max_steps: int, seed
     return path
 
 
-def fit(work: Path, run: str, config: Path) -> Path:
-    """Train in a fresh process; returns the run directory."""
+def contains(saved: object, wanted: object) -> bool:
+    """Whether a run's saved config holds every setting of ``wanted`` (the saved one also lists the defaults)."""
+    if isinstance(wanted, dict):
+        return isinstance(saved, dict) and all(contains(saved.get(k), v) for k, v in wanted.items())
+    return saved == wanted or (isinstance(wanted, (list, tuple)) and list(saved or []) == list(wanted))
+
+
+def finished(run: Path, config: Path) -> bool:
+    """Whether ``run`` already trained to the end with the settings of ``config`` (its own config.yaml matches)."""
+    saved, last = run / "config.yaml", run / "checkpoints" / "last.ckpt"
+    wanted = yaml.safe_load(config.read_text())
+    if not (saved.exists() and last.exists() and "train/time" in scalars(run)):
+        return False
+    if torch.load(last, map_location="cpu", weights_only=True)["global_step"] != wanted["trainer"]["max_steps"]:
+        return False
+    wanted["trainer"] = {k: wanted["trainer"][k] for k in ("max_steps", "precision")}
+    return contains(yaml.safe_load(saved.read_text()), wanted)
+
+
+def fit(work: Path, run: str, config: Path, reuse: bool = False) -> Path:
+    """Train in a fresh process (or, with ``reuse``, keep a finished run of the same settings); returns the run
+    directory."""
+    if reuse and finished(work / "lightning_logs" / run, config):
+        return work / "lightning_logs" / run
     command = [sys.executable, "-m", "gptlit", "fit", "--config", str(config), "--run_name", run, "--overwrite", "true"]
     subprocess.run(command, cwd=work, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return work / "lightning_logs" / run
@@ -185,6 +218,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gptlit-recipe")
     parser.add_argument("--write", action="store_true", help="record the table in benchmarks/README.md")
+    parser.add_argument("--fresh", action="store_true", help="train again runs that --work already holds")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     reference = recipe(args.reference, RECIPE_0_1_0) if args.reference != "0.1.0" else RECIPE_0_1_0
@@ -196,7 +230,8 @@ def main() -> None:
         for seed in args.seeds:
             if steps is None:
                 steps = budget_steps(args, name, settings, tokens_per_step)
-            run = fit(args.work, f"{name}-{seed}", write_run_config(args.work, name, settings, steps, seed))
+            config = write_run_config(args.work, name, settings, steps, seed)
+            run = fit(args.work, f"{name}{budget_tag(args)}-{seed}", config, reuse=not args.fresh)
             data_dir = args.work / f"data-{settings['data']['vocab_size']}"
             bpbs.append(score(run, data_dir))
             minutes.append(train_minutes(run))
@@ -210,14 +245,20 @@ def main() -> None:
     budget = f"{args.minutes:g} minutes of training" if args.budget == "minutes" else f"{args.passes:g} pass(es)"
     report = (
         f"`python benchmarks/recipe.py --budget {args.budget}`: {budget} on the TinyStories slice, seeds "
-        f"{', '.join(map(str, args.seeds))}, 10% of its stories held out and scored whole; one change each to "
-        f"the `{args.reference}` recipe.\nMachine: {machine()}.\n\n{table}\n"
+        f"{', '.join(map(str, args.seeds))}, 10% of its stories held out and scored whole; each candidate changes "
+        f"the `{args.reference}` recipe as its name says.\nMachine: {machine()}.\n\n{table}\n"
     )
     print(report)
     if args.write:
-        write_section(
-            f"Recipes: {args.budget}" + (f", {args.minutes:g} min" if args.budget == "minutes" else ""), report
-        )
+        seeds = f"seed{'s' if len(args.seeds) > 1 else ''} {' '.join(map(str, args.seeds))}"
+        write_section(f"Recipes: {budget}, {seeds}", report)
+
+
+def budget_tag(args: argparse.Namespace) -> str:
+    """What tells a run's name from other budgets' runs of the same candidate (none for one pass)."""
+    if args.budget == "minutes":
+        return f"-{args.minutes:g}min"
+    return "" if args.passes == 1 else f"-{args.passes:g}passes"
 
 
 def budget_steps(args: argparse.Namespace, name: str, settings: dict, tokens_per_step: int) -> int:
