@@ -37,11 +37,12 @@ def environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
 
 
-def crash_config(root: Path, name: str, data: Path, every: int) -> Path:
+def crash_config(root: Path, name: str, data: Path, every: int, optimizer: str = "adamw") -> Path:
     """The tiny model of test_train with dropout on (so the random state matters), checkpoints every ``every``."""
     path = write_config(root, name=name, max_steps=MAX_STEPS)
     config = yaml.safe_load(path.read_text())
-    config["model"].update(dropout=0.1, embed_dim=64)
+    config["model"]["config"].update(dropout=0.1, embed_dim=64)
+    config["model"]["optimizer"] = optimizer
     config["data"].update(source=str(data / "stories.txt"), data_dir=str(data / "data"), batch_size=64)
     config["checkpoint"]["every_n_train_steps"] = every
     path.write_text(yaml.safe_dump(config))
@@ -64,13 +65,16 @@ def crash_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return data
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory: pytest.TempPathFactory, crash_data: Path, preloaded: Preloaded) -> Path:
+def train_straight(root: Path, crash_data: Path, preloaded: Preloaded, optimizer: str = "adamw") -> Path:
     """``lightning_logs/straight`` of a run that was never stopped."""
-    root = tmp_path_factory.mktemp("straight")
-    config = crash_config(root, "straight", crash_data, every=4)
+    config = crash_config(root, "straight", crash_data, every=4, optimizer=optimizer)
     assert preloaded.wait(preloaded.start(["fit", "--config", str(config)], root, root / "log")) == 0
     return root / "lightning_logs" / "straight"
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory, crash_data: Path, preloaded: Preloaded) -> Path:
+    return train_straight(tmp_path_factory.mktemp("straight"), crash_data, preloaded)
 
 
 _steps: dict[tuple[str, int, int, int], int] = {}
@@ -140,14 +144,21 @@ def assert_same_training_state(got: Path, want: Path) -> None:
     states_a, states_b = (c["optimizer_states"][0]["state"] for c in (a, b))
     assert states_a.keys() == states_b.keys()
     for index, state in states_b.items():
-        for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert state.keys() == states_a[index].keys()
+        for key in state:  # AdamW's exp_avg, exp_avg_sq and step; Muon's momentum_buffer
             assert torch.equal(states_a[index][key], state[key]), (index, key)
     assert a["lr_schedulers"] == b["lr_schedulers"]
 
 
-def test_kill_9_mid_training_resumes_exactly(tmp_path: Path, crash_data: Path, straight: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_kill_9_mid_training_resumes_exactly(
+    tmp_path: Path, crash_data: Path, straight: Path, preloaded: Preloaded, optimizer: str
+) -> None:
     """`python -m gptlit fit`, SIGKILL mid-epoch, `fit --ckpt_path last`: the run never stopped, to the bit."""
-    config = crash_config(tmp_path, "cut", crash_data, every=4)
+    if optimizer != "adamw":
+        (tmp_path / "straight").mkdir()
+        straight = train_straight(tmp_path / "straight", crash_data, preloaded, optimizer)
+    config = crash_config(tmp_path, "cut", crash_data, every=4, optimizer=optimizer)
     last = tmp_path / "lightning_logs" / "cut" / "checkpoints" / "last.ckpt"
     with open(tmp_path / "log", "w") as log:
         fit = subprocess.Popen(

@@ -143,10 +143,15 @@ def test_gradient_clipping_caps_the_global_norm(workdir: Path, precision: str, o
 
 
 @pytest.mark.slow
-def test_compiled_module_gives_the_same_loss_gradients_and_checkpoint_keys() -> None:
+@pytest.mark.parametrize(
+    "variant",
+    [{}, dict(mlp="relu2", qk_norm=True, tie_embeddings=False), dict(norm_type="rmsnorm", mlp="swiglu", n_kv_heads=1)],
+    ids=["default", "relu2-qknorm-untied", "llama-mqa"],
+)
+def test_compiled_module_gives_the_same_loss_gradients_and_checkpoint_keys(variant: dict) -> None:
     torch.manual_seed(0)
-    eager = GPTLitModule(GPTConfig(vocab_size=101, **MODEL))
-    compiled = GPTLitModule(GPTConfig(vocab_size=101, **MODEL), compile=True)
+    config = GPTConfig(vocab_size=101, **MODEL, **variant)
+    eager, compiled = GPTLitModule(config), GPTLitModule(config, compile=True)
     compiled.load_state_dict(eager.state_dict())
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     batch = (torch.randint(0, 101, (2, 32)), torch.randint(0, 101, (2, 32)))
