@@ -122,6 +122,14 @@ def shape_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
     return lr * math.sqrt(max(1, rows / cols))
 
 
+def evaluate(closure: Callable[[], Any] | None) -> Any:
+    """The loss of an optimizer step's closure (with gradients on), or None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Muon(torch.optim.Muon):
     """``torch.optim.Muon`` with its Newton-Schulz iteration in ``ns_dtype``, and fused matrices taken apart.
 
@@ -150,10 +158,7 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate(closure)
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             iteration = (group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
@@ -208,10 +213,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate(closure)
         self.muon.step()
         self.adamw.step()
         return loss
