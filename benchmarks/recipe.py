@@ -155,7 +155,7 @@ def finished(run: Path, config: Path) -> bool:
     """Whether ``run`` already trained to the end with the settings of ``config`` (its own config.yaml matches)."""
     saved, last = run / "config.yaml", run / "checkpoints" / "last.ckpt"
     wanted = yaml.safe_load(config.read_text())
-    if not (saved.exists() and last.exists() and "train/time" in scalars(run)):
+    if not (saved.exists() and last.exists()):
         return False
     if torch.load(last, map_location="cpu", weights_only=True)["global_step"] != wanted["trainer"]["max_steps"]:
         return False
