@@ -54,14 +54,17 @@ def split_and_rotate(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`split_heads` in plain operations, whose gradient autograd derives: the reference of `RotaryQKV`."""
     B, T, _ = qkv.shape
+    if n_heads == n_kv_heads and norms is None:  # q and k rotate together: one set of kernels for both
+        heads = qkv.view(B, T, 3, n_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        if rope is None:
+            return heads.unbind(0)
+        q, k = apply_rope(heads[:2], *rope).unbind(0)
+        return q, k, heads[2]
     heads = qkv.view(B, T, n_heads + 2 * n_kv_heads, -1).transpose(1, 2)  # (B, nh + 2 nkv, T, hs)
     q, k, v = heads.split((n_heads, n_kv_heads, n_kv_heads), dim=1)
     if norms is not None:
         q, k = norms[0](q), norms[1](k)
     if rope is None:
-        return q, k, v
-    if n_heads == n_kv_heads and norms is None:  # q and k rotate together: one set of kernels for both
-        q, k = apply_rope(heads[:, : 2 * n_heads], *rope).split(n_heads, dim=1)
         return q, k, v
     return apply_rope(q, *rope), apply_rope(k, *rope), v
 
