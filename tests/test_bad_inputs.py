@@ -3,7 +3,8 @@
 Every row runs ``python -m gptlit ...`` in a fresh copy of a small workspace (a corpus, a config, prepared data
 and a trained run) and checks the exit code, that stderr holds no Python traceback, that its last line is
 ``gptlit: error: ...`` naming the problem, and that no file that was there before has changed. To add a case,
-add a row to CASES. The rows run two at a time (each process spends ~4 s importing Lightning).
+add a row to CASES. The rows run two at a time, each forked from a process that has imported gptlit's command
+line (tests/forked_cli.py): a process of its own would spend ~4 s importing Lightning.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Queue
 
 import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import make_stories
+from forked_cli import ForkedCli
 from helpers import write_config, write_corpus
 
 from gptlit.cli import cli_main
@@ -303,39 +306,44 @@ class Outcome:
     result: subprocess.CompletedProcess
 
 
-def run_case(case: Case, workspace: Path, root: Path) -> Outcome:
+def run_case(case: Case, workspace: Path, root: Path, clis: Queue[ForkedCli]) -> Outcome:
     ws = root / "ws"
     shutil.copytree(workspace, ws, symlinks=True)
     if case.setup is not None:
         case.setup(ws)
     before = snapshot(ws)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(TESTS)}
-    env.pop("GPTLIT_DEBUG", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "gptlit", *shlex.split(case.command)],
-        cwd=ws,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    cli = clis.get()
+    try:
+        result = cli.run(ws, shlex.split(case.command))
+    finally:
+        clis.put(cli)
     return Outcome(ws, before, result)
 
 
 @pytest.fixture(scope="module")
 def outcomes(request: pytest.FixtureRequest, workspace: Path, tmp_path_factory) -> dict[str, Outcome]:
-    """The selected rows, run two at a time."""
+    """The selected rows, run two at a time, each as `python -m gptlit` forked from a process that imported it."""
     selected = [
         item.callspec.params["case"]
         for item in request.session.items
         if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params
     ]
     selected = [case for case in selected if case.runs_here]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {
-            case.name: pool.submit(run_case, case, workspace, tmp_path_factory.mktemp("case")) for case in selected
-        }
-        return {name: future.result() for name, future in futures.items()}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(TESTS)}
+    env.pop("GPTLIT_DEBUG", None)
+    clis: Queue[ForkedCli] = Queue()
+    for _ in range(2):
+        clis.put(ForkedCli(env))
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            futures = {
+                case.name: pool.submit(run_case, case, workspace, tmp_path_factory.mktemp("case"), clis)
+                for case in selected
+            }
+            return {name: future.result() for name, future in futures.items()}
+    finally:
+        while not clis.empty():
+            clis.get().close()
 
 
 @pytest.mark.parametrize(
