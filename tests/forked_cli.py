@@ -55,7 +55,8 @@ def serve() -> None:
 
 
 class ForkedCli:
-    """A client: ``run(cwd, args)`` gives what ``subprocess.run(["python", "-m", "gptlit", *args])`` would."""
+    """A client: ``run(cwd, args)`` gives what ``subprocess.run(["python", "-m", "gptlit", *args])`` would in
+    ``cwd``; the child's output goes through ``stdout.txt`` and ``stderr.txt`` beside ``cwd``, not in it."""
 
     def __init__(self, env: dict[str, str]) -> None:
         command = [sys.executable, __file__]
