@@ -76,7 +76,8 @@ CANDIDATES: dict[str, dict[str, object]] = {
     "deeper": {"model.config.n_layers": 6, "model.config.embed_dim": 192, "model.config.n_heads": 3},
     "wider": {"model.config.n_layers": 2, "model.config.embed_dim": 384, "model.config.n_heads": 6},
     "dropout0.1": {"model.config.dropout": 0.1},
-    "wd0.3": {"model.weight_decay": 0.3},
+    "wd0.3": {"model.weight_decay": 0.3},  # AdamW's decay: under Muon, an untied head's alone
+    "muon-wd0.1": {"model.muon_weight_decay": 0.1},
 }
 WSD_MUON = {"model.schedule": "wsd", "model.optimizer": "muon", "model.muon_lr": 0.04}
 MODERN = {"model.config.mlp": "relu2", "model.config.tie_embeddings": False, "model.config.qk_norm": True}

@@ -27,7 +27,8 @@ class GPTLitModule(L.LightningModule):
         config: The model's shape and variant (``model.config.*``; its vocab_size comes from data.vocab_size).
         learning_rate: Peak learning rate, reached at the end of warmup.
         min_lr: Learning rate at the end of the schedule's decay (cosine or wsd).
-        weight_decay: AdamW weight decay, applied to the weight matrices of linear layers only.
+        weight_decay: AdamW weight decay, applied to the weight matrices of linear layers only; with
+            ``optimizer: muon``, to an untied head only (the blocks' matrices take ``muon_weight_decay``).
         betas: AdamW betas.
         warmup: Warmup length: a float below 1 is a fraction of all optimizer steps, an int a step count.
         optimizer: ``adamw``, or ``muon``: Muon for the transformer blocks' weight matrices and AdamW (at
