@@ -15,6 +15,7 @@ backward and an AdamW step, in float32.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import importlib
 import re
@@ -118,18 +119,17 @@ def main() -> None:
         "batch 8, generate": ({}, 8),
         "batch 8, compiled": ({"compile": True}, 8),
     }
-    runners, identical = {}, {}
+    runners, identical, sides = {}, {}, ((rev_generate, theirs), (generate, ours))
     for name, (options, batch) in cases.items():
-        outputs = [decode(fn, model, batch, **options) for fn, model in ((rev_generate, theirs), (generate, ours))]
+        outputs = [decode(fn, model, batch, **options) for fn, model in sides]
         identical[name] = outputs[0] == outputs[1]  # also compiles the compiled cases before timing
-        sides = ((rev_generate, theirs), (generate, ours))
         runners[name] = [_rate(partial(decode, fn, model, batch, **options), PROMPTS * n) for fn, model in sides]
     torch.manual_seed(0)
     batch = torch.randint(ours.config.vocab_size, (TRAIN_BATCH, ours.config.block_size + 1))
     x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # 0.1.0 needs contiguous targets
-    runners[f"training step, batch {TRAIN_BATCH} x {ours.config.block_size}"] = [
-        training_rate(model, x, y) for model in (theirs, ours)
-    ]
+    # The steps train copies: the decoding cases keep the checkpoint's weights.
+    train_name = f"training step, batch {TRAIN_BATCH} x {ours.config.block_size}"
+    runners[train_name] = [training_rate(copy.deepcopy(model), x, y) for model in (theirs, ours)]
     for rev_run, our_run in runners.values():  # a warm-up call each
         rev_run(), our_run()
 
