@@ -41,6 +41,17 @@ def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 2048, repeats:
     return 2 * n**3 / min(times)
 
 
+def rate(fn: Callable[[], object], count: int) -> Callable[[], float]:
+    """A runner for `interleaved`: calls ``fn`` and returns ``count`` (its tokens) per second of it."""
+
+    def run() -> float:
+        start = time.perf_counter()
+        fn()
+        return count / (time.perf_counter() - start)
+
+    return run
+
+
 def interleaved(runners: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
     """Call each runner in turn, ``repeats`` rounds; the median of what each returned (a rate)."""
     results: dict[str, list[float]] = {name: [] for name in runners}

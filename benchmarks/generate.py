@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import numpy as np
 import torch
-from common import interleaved, machine, markdown_table, write_section
+from common import interleaved, machine, markdown_table, rate, write_section
 from train import CORPUS, ROOT
 
 from gptlit.draft import NgramTable
@@ -135,15 +136,7 @@ def main() -> None:
     model_table_seconds = time.perf_counter() - start
     identical = {(name, b): variants[name](b) == expected[b] for name, b in cases}
 
-    def rate(fn, batch: int):
-        def run() -> float:
-            start = time.perf_counter()
-            fn(batch)
-            return PROMPTS * n / (time.perf_counter() - start)
-
-        return run
-
-    runners = {(name, b): rate(variants[name], b) for name, b in cases}
+    runners = {(name, b): rate(partial(variants[name], b), PROMPTS * n) for name, b in cases}
     rates = interleaved(runners, args.rounds)
     base = {b: rates[("transformers generate", b)] for b in (1, 8)}
     rows_ = [[f"batch {b}", name, f"{rates[(name, b)]:,.0f}", f"{rates[(name, b)] / base[b]:.2f}",
@@ -152,8 +145,8 @@ def main() -> None:
 
     long, one = 512, prompts[:1]
     cache_runners = {
-        "cached": lambda: long / _timed(lambda: generate(ours, one, long, temperature=0, draft_tokens=0)),
-        "uncached": lambda: long / _timed(lambda: uncached_greedy(ours, one, long)),
+        "cached": rate(lambda: generate(ours, one, long, temperature=0, draft_tokens=0), long),
+        "uncached": rate(lambda: uncached_greedy(ours, one, long), long),
     }
     cache_rates = interleaved(cache_runners, max(1, args.rounds - 1))
     config = ours.config
@@ -182,12 +175,6 @@ def main() -> None:
     print(report)
     if not args.no_readme:
         write_section("Decoding: tiny", report)
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch
-from common import machine, markdown_table, write_section
+from common import machine, markdown_table, rate, write_section
 from generate import PROMPT_TOKENS, PROMPTS, train_tiny, validation_openings
 from train import ROOT
 
@@ -123,7 +123,7 @@ def main() -> None:
     for name, (options, batch) in cases.items():
         outputs = [decode(fn, model, batch, **options) for fn, model in sides]
         identical[name] = outputs[0] == outputs[1]  # also compiles the compiled cases before timing
-        runners[name] = [_rate(partial(decode, fn, model, batch, **options), PROMPTS * n) for fn, model in sides]
+        runners[name] = [rate(partial(decode, fn, model, batch, **options), PROMPTS * n) for fn, model in sides]
     torch.manual_seed(0)
     batch = torch.randint(ours.config.vocab_size, (TRAIN_BATCH, ours.config.block_size + 1))
     x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # 0.1.0 needs contiguous targets
@@ -159,15 +159,6 @@ def main() -> None:
     print(report)
     if not args.no_readme:
         write_section(f"Against revision {short}", report)
-
-
-def _rate(fn, count: int):
-    def run() -> float:
-        start = time.perf_counter()
-        fn()
-        return count / (time.perf_counter() - start)
-
-    return run
 
 
 if __name__ == "__main__":
