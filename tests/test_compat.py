@@ -79,3 +79,39 @@ def test_old_command_line_options_are_read_where_they_moved(old_run: Path, capsy
     # Not an unknown option (exit 2): read as model.config.embed_dim, and checked against the checkpoint's.
     assert failed.value.code == 1
     assert "holds a model with embed_dim=16" in capsys.readouterr().err
+
+
+FIXTURE_020 = Path(__file__).parent / "fixtures" / "run-0.2.0"
+
+
+@pytest.fixture
+def run_020(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the 0.2.0 run in ./lightning_logs, beside the corpus its config names (stories.txt)."""
+    write_corpus(tmp_path / "stories.txt")
+    shutil.copytree(FIXTURE_020, tmp_path / "lightning_logs" / "run-0.2.0")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "lightning_logs" / "run-0.2.0"
+
+
+def test_a_020_run_samples_exports_and_validates(run_020: Path, capsys) -> None:
+    capsys.readouterr()
+    run_cli("sample", "--prompt", "Lily", "--max_new_tokens", "12", "--seed", "0", "--run_name", "run-0.2.0")
+    assert capsys.readouterr().out.startswith("Lily")
+    run_cli("export", "--ckpt_path", "best", "--run_name", "run-0.2.0", "--out_dir", "hf")
+    config = (run_020.parents[1] / "hf" / "config.json").read_text()
+    assert "LlamaForCausalLM" in config
+    run_cli("validate", "--ckpt_path", "last", "--run_name", "run-0.2.0")
+    model, tokenizer = load_model(run_020 / "checkpoints" / "last.ckpt")
+    assert (model.config.mlp, model.config.n_kv_heads, model.config.tie_embeddings) == ("swiglu", 1, False)
+    assert tokenizer.vocab_size == 320
+
+
+def test_a_020_run_resumes_where_it_stopped(run_020: Path) -> None:
+    """A Muon run of 0.2.0 resumes (its optimizer state fits) and trains on."""
+    last = run_020 / "checkpoints" / "last.ckpt"
+    before = torch.load(last, weights_only=True)
+    assert before["global_step"] == 8
+    run_cli("fit", "--ckpt_path", "last", "--run_name", "run-0.2.0", "--trainer.max_steps", "8")
+    assert torch.load(last, weights_only=True)["global_step"] == 8
+    module = GPTLitModule.load_from_checkpoint(last)
+    assert module.hparams.optimizer == "muon" and module.hparams.schedule == "wsd"
