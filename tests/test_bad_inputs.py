@@ -329,7 +329,9 @@ def outcomes(request: pytest.FixtureRequest, workspace: Path, tmp_path_factory) 
         if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params
     ]
     selected = [case for case in selected if case.runs_here]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(TESTS)}
+    # tests/ first (probes), then the caller's path, which may hold the gptlit under test
+    pythonpath = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath}
     env.pop("GPTLIT_DEBUG", None)
     clis: Queue[ForkedCli] = Queue()
     for _ in range(2):
