@@ -249,6 +249,11 @@ CASES = [
         "export --ckpt_path last --out_dir stories.txt",
         "stories.txt is a file, not a directory",
     ),
+    Case(
+        "export over files that are not an export",
+        "export --ckpt_path last --out_dir . --overwrite true",
+        "--out_dir . holds files that are not a gptlit export (data/, lightning_logs/, run.yaml, stories.txt)",
+    ),
     # Not errors: these must work.
     Case(
         "prompt longer than block_size",
