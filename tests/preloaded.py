@@ -7,6 +7,8 @@ moments; only the import time is shared. Nothing has run torch code in the paren
 
 One JSON line each way on stdin/stdout, after the server's ``{"ready": true}``:
     {"run": [args...], "cwd": DIR, "log": FILE}  ->  {"pid": PID}
+        optionally with "pause": {"event", "count", "under", "marker"} (see _pause_at) and "no_exchange": true
+        (gptlit.swap without its one-step exchange: the two renames that replace it elsewhere)
     {"wait": PID}                                  ->  {"code": EXIT}   (negative: killed by that signal)
     {"poll": PID}                                  ->  {"code": EXIT or null while it runs}
 """
@@ -17,11 +19,31 @@ import json
 import os
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
 
-def _child(args: list[str], cwd: str, log: str) -> None:
+def _pause_at(event: str, count: int, under: str, marker: str) -> None:
+    """Stop for good just before the ``count``-th audit ``event`` (``open``, ``os.remove``, ``os.rename``, ...)
+    counted from the first directory made inside ``under``, having created ``marker``: the moment to kill."""
+    seen, armed, paused = 0, False, False
+
+    def hook(name: str, args: tuple) -> None:
+        nonlocal seen, armed, paused
+        armed = armed or (name == "os.mkdir" and str(args[0]).startswith(under + os.sep))
+        if armed and not paused and name == event:
+            seen += 1
+            if seen == count:
+                paused = True  # creating the marker is an audit event too
+                Path(marker).touch()
+                while True:
+                    time.sleep(1)  # until a signal: its handler's exception leaves from here
+
+    sys.addaudithook(hook)
+
+
+def _child(args: list[str], cwd: str, log: str, pause: dict | None = None, no_exchange: bool = False) -> None:
     from gptlit.cli import cli_main
 
     os.chdir(cwd)
@@ -31,6 +53,12 @@ def _child(args: list[str], cwd: str, log: str) -> None:
     sys.argv = ["gptlit", *args]
     code = 0
     try:
+        if no_exchange:
+            import gptlit.swap
+
+            gptlit.swap._exchange = lambda a, b: False
+        if pause is not None:
+            _pause_at(**pause)
         cli_main(args)
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else 1
@@ -56,7 +84,7 @@ def serve() -> None:
         if "run" in request:
             pid = os.fork()
             if pid == 0:
-                _child(request["run"], request["cwd"], request["log"])
+                _child(request["run"], request["cwd"], request["log"], request.get("pause"), request.get("no_exchange"))
             reply({"pid": pid})
         elif "wait" in request:
             _, status = os.waitpid(request["wait"], 0)
@@ -82,8 +110,9 @@ class Preloaded:
         self.server.stdin.flush()
         return json.loads(self.server.stdout.readline())
 
-    def start(self, args: list[str], cwd: Path, log: Path) -> int:
-        return self._ask({"run": list(args), "cwd": str(cwd), "log": str(log)})["pid"]
+    def start(self, args: list[str], cwd: Path, log: Path, **options) -> int:
+        """A fresh process running ``args``; ``options``: ``pause``, ``no_exchange`` (see the module's doc)."""
+        return self._ask({"run": list(args), "cwd": str(cwd), "log": str(log), **options})["pid"]
 
     def wait(self, pid: int) -> int:
         return self._ask({"wait": pid})["code"]

@@ -249,6 +249,11 @@ CASES = [
         "export --ckpt_path last --out_dir stories.txt",
         "stories.txt is a file, not a directory",
     ),
+    Case(
+        "export over files that are not an export",
+        "export --ckpt_path last --out_dir . --overwrite true",
+        "--out_dir . holds files that are not a gptlit export (data/, lightning_logs/, run.yaml, stories.txt)",
+    ),
     # Not errors: these must work.
     Case(
         "prompt longer than block_size",
@@ -329,7 +334,9 @@ def outcomes(request: pytest.FixtureRequest, workspace: Path, tmp_path_factory) 
         if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params
     ]
     selected = [case for case in selected if case.runs_here]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(TESTS)}
+    # tests/ first (probes), then the caller's path, which may hold the gptlit under test
+    pythonpath = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath}
     env.pop("GPTLIT_DEBUG", None)
     clis: Queue[ForkedCli] = Queue()
     for _ in range(2):
