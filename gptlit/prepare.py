@@ -206,10 +206,17 @@ def _choose_tokenizer(
             raise DataError(f"vocab_size is None but {path} does not exist: give a vocab_size or a tokenizer_path")
         return path, wanted, f"training a tokenizer with {vocab_size} tokens"
     settings = (old_meta or {}).get("settings", {})
-    vouched = settings.get("tokenizer_sha256") == Tokenizer.from_file(path).sha256
+    tokenizer = Tokenizer.from_file(path)
+    vouched = settings.get("tokenizer_sha256") == tokenizer.sha256
     old_trained = settings.get("tokenizer_trained_with") if vouched else None
     if old_trained is not None and wanted is not None and old_trained != wanted:
         return path, wanted, f"tokenizer settings changed from {old_trained} to {wanted}: retraining it"
+    if old_trained is None and vocab_size is not None and tokenizer.vocab_size != vocab_size:
+        # Never reused as it is, nor called up to date: it may be gptlit's own, of another size.
+        raise DataError(
+            f"{path} has {tokenizer.vocab_size} tokens, not vocab_size={vocab_size}, and no {META_FILE} records "
+            f"gptlit training it: delete it to train one of {vocab_size}, or set vocab_size to null to keep it"
+        )
     if not vouched:
         _say(f"using the tokenizer already in {path}; delete it to train a new one")
     # Ours with the same settings, or a tokenizer the user put there: reuse it as it is.

@@ -196,6 +196,24 @@ def test_changed_settings_prepare_again(prepared: Path, tmp_path: Path, capsys: 
     assert len(decoded_split(data_dir, "train")) + len(decoded_split(data_dir, "val")) == 200
 
 
+def test_a_tokenizer_no_meta_vouches_for_is_never_up_to_date_for_another_size(prepared: Path, tmp_path: Path) -> None:
+    """A tokenizer.json with no record of its training (put there by hand, or its meta.json lost to a cut-short
+    preparation) and another vocab_size than asked: refused, not reused as "up to date"."""
+    data_dir = copy_prepared(prepared, tmp_path)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    meta["settings"]["tokenizer_trained_with"] = None
+    (data_dir / "meta.json").write_text(json.dumps(meta))
+    before = {p.name: p.read_bytes() for p in data_dir.iterdir()}
+    with pytest.raises(
+        DataError, match=r"tokenizer\.json has \d+ tokens, not vocab_size=320, and no meta\.json records"
+    ):
+        make_dm(data_dir, prepared / "stories.txt", vocab_size=320).prepare_data()
+    assert {p.name: p.read_bytes() for p in data_dir.iterdir()} == before
+    (data_dir / "meta.json").unlink()
+    with pytest.raises(DataError, match=r"not vocab_size=320"):
+        make_dm(data_dir, prepared / "stories.txt", vocab_size=320).prepare_data()
+
+
 def _crash_on(monkeypatch: pytest.MonkeyPatch, target: object, name: str, after: int) -> None:
     """Make ``target.name`` raise on its call number ``after + 1``, as if the process were killed there."""
     original, calls = getattr(target, name), []
