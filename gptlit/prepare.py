@@ -31,10 +31,12 @@ from gptlit.errors import DataError
 from gptlit.locks import lock_directory
 from gptlit.sources import StorySource, open_source
 from gptlit.store import (
+    CHECKSUM_CHUNK_BYTES,
     FORMAT_VERSION,
     META_FILE,
     SPLITS,
     TOKENIZER_FILE,
+    ChunkChecksums,
     bin_path,
     check_files,
     offsets_path,
@@ -67,26 +69,30 @@ class _SplitWriter:
         self.file = open(bin_path(data_dir, split).with_suffix(".bin" + TMP_SUFFIX), "wb")  # noqa: SIM115
         self.tokens = self.stories = self.text_bytes = 0
         self.offsets: list[np.ndarray] = []
+        self.checksums = ChunkChecksums(CHECKSUM_CHUNK_BYTES)
 
     def write(self, texts: list[str], ids: list[list[int]]) -> None:
         """Append the encoded ``texts`` (``ids``: one ``<bos> ... <eos>`` list per text)."""
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         # A Python int that does not fit the dtype raises OverflowError here: never a silent wrap-around.
         flat = np.fromiter(chain.from_iterable(ids), dtype=self.dtype, count=int(lengths.sum()))
-        self.file.write(flat.tobytes())
+        data = flat.tobytes()
+        self.file.write(data)
+        self.checksums.update(data)
         self.offsets.append(self.tokens + np.cumsum(lengths) - lengths)
         self.tokens += len(flat)
         self.stories += len(texts)
         self.text_bytes += sum(len(t.encode("utf-8")) for t in texts)
 
-    def close(self) -> dict[str, int]:
+    def close(self) -> dict[str, Any]:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
         offsets = np.concatenate(self.offsets) if self.offsets else np.zeros(0, dtype=np.int64)
         with open(offsets_path(self.data_dir, self.split).with_suffix(".npy" + TMP_SUFFIX), "wb") as f:
             np.save(f, offsets)
-        return {"tokens": self.tokens, "stories": self.stories, "text_bytes": self.text_bytes}
+        counts = {"tokens": self.tokens, "stories": self.stories, "text_bytes": self.text_bytes}
+        return {**counts, "crc32": self.checksums.finish()}
 
     def abandon(self) -> None:
         """Close without syncing or writing offsets: the files are temporaries about to be removed."""
@@ -107,11 +113,12 @@ def _batches(pairs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, list[str]]
 
 def write_bins(
     pairs: Iterable[tuple[str, str]], tokenizer: Tokenizer, data_dir: Path, dtype: np.dtype
-) -> dict[str, dict[str, int]]:
+) -> dict[str, dict[str, Any]]:
     """Encode ``(split, story)`` pairs in batches into ``{split}.bin.tmp`` and ``{split}_offsets.npy.tmp``.
 
-    Returns per split: ``tokens`` (all ids, ``<bos>``/``<eos>`` included), ``stories`` and ``text_bytes``
-    (UTF-8 bytes of the stripped stories, separators excluded).
+    Returns per split: ``tokens`` (all ids, ``<bos>``/``<eos>`` included), ``stories``, ``text_bytes``
+    (UTF-8 bytes of the stripped stories, separators excluded) and ``crc32`` (the checksum of each
+    ``CHECKSUM_CHUNK_BYTES`` of the ``.bin``, computed as its bytes are written).
     """
     writers = {split: _SplitWriter(data_dir, split, dtype) for split in SPLITS}
     try:
@@ -364,6 +371,7 @@ def carry_out(plan: Plan) -> dict[str, Any]:
             "format_version": FORMAT_VERSION,
             "dtype": dtype.name,
             "vocab_size": tokenizer.vocab_size,
+            "crc32_chunk_bytes": CHECKSUM_CHUNK_BYTES,
             "tokenizer_file": str(plan.tokenizer_file),
             "settings": {**plan.settings, "tokenizer_sha256": tokenizer.sha256},
             "splits": counts,
