@@ -4,7 +4,8 @@ A lock is ``fcntl.flock`` on ``<directory>/.lock``. The operating system drops i
 it ends (``kill -9`` included), so no lock is ever left stale. The holder writes its pid, host and command line
 into the file; another process that finds the directory locked names the holder from it. The holder removes the
 file (and any directory it created for it) when it lets go; a process that was waiting on the removed file sees
-that and locks the new one. Within one process a lock is re-entrant: taking it again adds a hold.
+that and locks the new one. Within one process a lock is re-entrant: taking it again adds a hold. A forked
+child (a DataLoader worker) does not hold its parent's locks.
 """
 
 from __future__ import annotations
@@ -83,6 +84,17 @@ class DirectoryLock:
                 directory.rmdir()
             except OSError:
                 break
+
+
+def _forget_in_child() -> None:
+    """A forked child (a DataLoader worker) shares its parent's locks: it closes its copies, so that the locks
+    end with the parent, as they would were the child not there."""
+    for lock in _held.values():
+        os.close(lock.fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _missing_parents(directory: Path) -> list[Path]:

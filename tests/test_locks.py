@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -119,6 +121,28 @@ def test_a_lock_dies_with_its_process(tmp_path: Path, preloaded: Preloaded) -> N
     assert code == 0, output[-3000:]
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == 12
+
+
+def test_a_forked_child_does_not_keep_its_parents_lock(tmp_path: Path) -> None:
+    """A DataLoader worker that outlives its killed fit for a moment must not keep the run locked."""
+    program = (
+        "import os, sys, time\n"
+        "from gptlit.locks import lock_directory\n"
+        "lock_directory(sys.argv[1])\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "open(sys.argv[2], 'w').write(str(child))\n"
+        "os._exit(0)  # without letting go, as under kill -9\n"
+    )
+    subprocess.run([sys.executable, "-c", program, str(tmp_path / "run"), str(tmp_path / "pid")], check=True)
+    child = int((tmp_path / "pid").read_text())
+    try:
+        with lock_directory(tmp_path / "run"):
+            assert holder(tmp_path / "run").startswith(f"pid {os.getpid()} on ")
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 def test_two_preparations_of_one_directory_take_turns(
