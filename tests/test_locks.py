@@ -37,6 +37,18 @@ def preloaded() -> Preloaded:
     server.close()
 
 
+@pytest.fixture
+def running(preloaded: Preloaded) -> list[int]:
+    """Commands a test started and has not waited for (it removes those it waits for): killed when it ends,
+    so that a failed test leaves no run paused."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        if preloaded.poll(pid) is None:
+            os.kill(pid, signal.SIGKILL)
+            preloaded.wait(pid)
+
+
 def finish(preloaded: Preloaded, pid: int, log: Path) -> tuple[int, str]:
     """The exit code and output of a started command; it is killed (and the test fails) if it runs too long."""
     deadline = time.monotonic() + TIMEOUT_S
@@ -53,23 +65,27 @@ def run(preloaded: Preloaded, args: list[str], cwd: Path, log: Path) -> tuple[in
     return finish(preloaded, preloaded.start(args, cwd, log), log)
 
 
-def wait_for(condition, preloaded: Preloaded, pids: list[int], log: Path) -> None:
-    """Wait for ``condition`` while the processes ``pids`` run; fail with ``log`` if one of them ends first."""
+def wait_for(condition, preloaded: Preloaded, running: list[int], log: Path) -> None:
+    """Wait for ``condition`` while the processes ``running`` run; fail with ``log`` if one of them ends first
+    (it is then removed from ``running``)."""
     deadline = time.monotonic() + TIMEOUT_S
     while not condition():
-        ended = [pid for pid in pids if preloaded.poll(pid) is not None]
+        ended = [pid for pid in running if preloaded.poll(pid) is not None]
+        for pid in ended:
+            running.remove(pid)
         assert not ended and time.monotonic() < deadline, log.read_text()[-3000:] if log.exists() else "no log"
         time.sleep(0.02)
 
 
-def start_paused_fit(preloaded: Preloaded, root: Path, gate: Path) -> tuple[int, Path]:
+def start_paused_fit(preloaded: Preloaded, root: Path, gate: Path, running: list[int]) -> tuple[int, Path]:
     """`fit` of a tiny model for 12 steps (``root/run.yaml``), held at step 6 until ``gate`` exists."""
     write_corpus(root / "stories.txt")
     config = write_config(root, name="run", max_steps=12)
     pause = json.dumps({"class_path": "probes.PauseAt", "init_args": {"step": 6, "gate": str(gate)}})
     log = root / "first.log"
     pid = preloaded.start(["fit", "--config", str(config), f"--trainer.callbacks+={pause}"], root, log)
-    wait_for(Path(f"{gate}.reached").exists, preloaded, [pid], log)
+    running.append(pid)
+    wait_for(Path(f"{gate}.reached").exists, preloaded, running, log)
     return pid, config
 
 
@@ -77,9 +93,11 @@ def files_of(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def test_a_second_fit_of_a_run_in_training_is_refused_and_readers_go_on(tmp_path: Path, preloaded: Preloaded) -> None:
+def test_a_second_fit_of_a_run_in_training_is_refused_and_readers_go_on(
+    tmp_path: Path, preloaded: Preloaded, running: list[int]
+) -> None:
     gate = tmp_path / "go"
-    first, config = start_paused_fit(preloaded, tmp_path, gate)
+    first, config = start_paused_fit(preloaded, tmp_path, gate, running)
     run_dir = tmp_path / "lightning_logs" / "run"
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "config.yaml").is_file()
     before = files_of(run_dir)
@@ -101,6 +119,7 @@ def test_a_second_fit_of_a_run_in_training_is_refused_and_readers_go_on(tmp_path
     assert code == 0 and (tmp_path / "hf" / "config.json").is_file(), output[-3000:]
 
     gate.touch()
+    running.remove(first)
     code, output = finish(preloaded, first, tmp_path / "first.log")
     assert code == 0, output[-3000:]
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -108,12 +127,13 @@ def test_a_second_fit_of_a_run_in_training_is_refused_and_readers_go_on(tmp_path
     assert not (run_dir / ".lock").exists()  # let go at the end
 
 
-def test_a_lock_dies_with_its_process(tmp_path: Path, preloaded: Preloaded) -> None:
+def test_a_lock_dies_with_its_process(tmp_path: Path, preloaded: Preloaded, running: list[int]) -> None:
     gate = tmp_path / "go"
-    first, _ = start_paused_fit(preloaded, tmp_path, gate)
+    first, _ = start_paused_fit(preloaded, tmp_path, gate, running)
     run_dir = tmp_path / "lightning_logs" / "run"
     assert holder(run_dir).startswith(f"pid {first} on ")
     os.kill(first, signal.SIGKILL)
+    running.remove(first)
     assert preloaded.wait(first) == -signal.SIGKILL
     assert (run_dir / ".lock").is_file()  # the file stays behind; its lock does not
     gate.touch()  # the resumed run keeps the pause among its callbacks: let it through
@@ -146,7 +166,7 @@ def test_a_forked_child_does_not_keep_its_parents_lock(tmp_path: Path) -> None:
 
 
 def test_two_preparations_of_one_directory_take_turns(
-    tmp_path: Path, preloaded: Preloaded, capsys: pytest.CaptureFixture
+    tmp_path: Path, preloaded: Preloaded, running: list[int], capsys: pytest.CaptureFixture
 ) -> None:
     """Both wait while this test holds the directory, then one prepares and the other finds it prepared."""
     write_corpus(tmp_path / "stories.txt")
@@ -154,11 +174,13 @@ def test_two_preparations_of_one_directory_take_turns(
     logs = [tmp_path / f"prepare{i}.log" for i in range(2)]
     with lock_directory(data_dir):
         pids = [preloaded.start(["prepare", "--config", str(config)], tmp_path, log) for log in logs]
+        running += pids
         waiting = f"waiting for pid {os.getpid()} on "
         for log in logs:
-            wait_for(lambda log=log: log.exists() and waiting in log.read_text(), preloaded, pids, log)
+            wait_for(lambda log=log: log.exists() and waiting in log.read_text(), preloaded, running, log)
     outputs = []
     for pid, log in zip(pids, logs, strict=True):
+        running.remove(pid)
         code, output = finish(preloaded, pid, log)
         assert code == 0, output[-3000:]
         assert output.count("waiting for") == 1, output  # said once
