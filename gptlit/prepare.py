@@ -10,6 +10,8 @@ A prepared data directory holds
 
 Every file is written under a temporary name and renamed into place; ``meta.json`` is removed before the first
 rename and written after the last, so a run killed at any point leaves the previous complete set or no set.
+One process prepares a directory at a time (``.lock``, :mod:`gptlit.locks`): another one waits, then finds the
+set prepared, or prepares what its own settings still need.
 """
 
 from __future__ import annotations
