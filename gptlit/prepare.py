@@ -273,31 +273,21 @@ def prepare_dataset(
     Does nothing when ``data_dir`` already holds a complete set prepared with the same settings. The arguments
     mean what they mean on :class:`gptlit.data.TinyStoriesDataModule`.
     """
-    settings = (source, Path(data_dir), vocab_size, tokenizer_path, tokenizer_train_stories, val_fraction, seed)
+    data_dir = Path(data_dir)
+    settings = (source, data_dir, vocab_size, tokenizer_path, tokenizer_train_stories, val_fraction, seed)
     plan, meta = plan_preparation(*settings)  # a prepared directory is read, never locked: it may be read-only
     if plan is not None:
-        with _locked(Path(data_dir)):
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)  # kept, like the files, when preparing fails
+            lock = lock_directory(data_dir, True, lambda holder: _say(f"waiting for {holder} to let go of {data_dir}"))
+        except OSError as err:
+            raise _unwritable(data_dir, err) from err
+        with lock:
             plan, meta = plan_preparation(*settings)  # again: another process may have prepared it meanwhile
             if plan is not None:
                 return carry_out(plan)
     _say(f"{data_dir} is up to date (same source, tokenizer and split settings); nothing to do")
     return meta
-
-
-@contextlib.contextmanager
-def _locked(data_dir: Path) -> Iterator[None]:
-    """Hold ``data_dir``'s lock, waiting for another process that prepares it (and saying so, once)."""
-
-    def waiting(holder: str) -> None:
-        _say(f"waiting for {holder}, which is preparing {data_dir}")
-
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)  # kept, like the files, when preparing fails
-        lock = lock_directory(data_dir, wait=True, on_wait=waiting)
-    except OSError as err:
-        raise _unwritable(data_dir, err) from err
-    with lock:
-        yield
 
 
 def plan_preparation(
