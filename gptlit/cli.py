@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -27,6 +26,7 @@ from gptlit.data import TinyStoriesDataModule
 from gptlit.errors import ConfigError, GptlitError, UsageError
 from gptlit.export import export
 from gptlit.lightning_private import KeepConfigOverCheckpoint
+from gptlit.locks import DirectoryLock, lock_directory
 from gptlit.module import GPTLitModule
 from gptlit.run_config import SaveRunConfig, command_options, is_rank_zero, migrated_config_args
 from gptlit.runs import (
@@ -100,6 +100,15 @@ def _add_config_of_run(args: list[str]) -> list[str]:
 class GPTLitCLI(KeepConfigOverCheckpoint, LightningCLI):
     """LightningCLI with gptlit's links, checkpoints and run directories."""
 
+    run_lock: DirectoryLock | None = None  # fit holds its run directory while it runs (rank 0)
+
+    def __init__(self, *args, **kwargs) -> None:
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--run_name", type=str | None, default=None, help="Run directory name (default: config stem)"
@@ -119,6 +128,10 @@ class GPTLitCLI(KeepConfigOverCheckpoint, LightningCLI):
         self.resume_step = 0
         if self.subcommand is None:
             return
+        if self.subcommand == "fit" and is_rank_zero():  # before anything in the run directory changes
+            _check_writable(self.run_dir)
+            advice = "let it finish (sample, export and validate can read the run meanwhile), or use another --run_name"
+            self.run_lock = lock_directory(self.run_dir, advice=advice)
         ckpt_path = config.get("ckpt_path")
         if ckpt_path is not None:
             path = resolve_checkpoint(ckpt_path, self.run_dir)
@@ -136,10 +149,8 @@ class GPTLitCLI(KeepConfigOverCheckpoint, LightningCLI):
                     f"run '{config.run_name}' already exists in {self.run_dir}; resume it with --ckpt_path last, "
                     "choose another --run_name, or pass --overwrite true to replace it"
                 )
-            shutil.rmtree(self.run_dir)
+            self.run_lock.clear()
         config.overwrite = False  # never saved into the run's config.yaml: a resume must not wipe the run
-        if self.subcommand == "fit" and is_rank_zero():
-            _check_writable(self.run_dir)
 
     def instantiate_trainer(self, **kwargs):
         config = self.config[self.subcommand] if self.subcommand else self.config

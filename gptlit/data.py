@@ -7,6 +7,7 @@ DataLoader and the DataModule that ties them to Lightning.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gptlit.errors import DataError
 from gptlit.prepare import prepare_dataset
-from gptlit.store import TOKENIZER_FILE, check_bin, offsets_path, read_meta, redo_hint, token_dtype
+from gptlit.store import META_FILE, TOKENIZER_FILE, check_bin, offsets_path, read_meta, redo_hint, token_dtype
 from gptlit.tokenizer import Tokenizer
 
 __all__ = ["DataError", "ResumableDataLoader", "TinyStoriesDataModule", "TokenWindows", "WindowSampler", "token_dtype"]
 
-# The id check on setup reads at most this many tokens per split: all of a small file, spaced chunks of a big one.
-ID_CHECK_TOKENS = 1 << 20
+# The check on setup reads at most this many pieces of each split: all of a small file, spaced ones of a big one.
+ID_CHECK_CHUNKS = 64
+# The pieces' size in a directory prepared before meta.json held checksums, in tokens.
+ID_CHECK_TOKENS = 1 << 14
 
 
 def window_starts(n_tokens: int, block_size: int, story_offsets: np.ndarray | None = None) -> np.ndarray:
@@ -39,19 +42,32 @@ def window_starts(n_tokens: int, block_size: int, story_offsets: np.ndarray | No
     return np.asarray(story_offsets[story_offsets + block_size + 1 <= n_tokens], dtype=np.int64)
 
 
-def check_ids(path: Path, dtype: np.dtype, n_tokens: int, vocab_size: int, data_dir: str | Path) -> None:
-    """Raise DataError if a sample of the ids in ``path`` (all of them, for a small file) reaches ``vocab_size``."""
-    tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
-    if n_tokens <= ID_CHECK_TOKENS:
-        chunks = [tokens]
-    else:
-        size = ID_CHECK_TOKENS // 64
-        chunks = [tokens[s : s + size] for s in np.linspace(0, n_tokens - size, 64, dtype=np.int64)]
-    top = max(int(c.max()) for c in chunks)
-    if top >= vocab_size:
+def check_ids(
+    path: Path, dtype: np.dtype, vocab_size: int, data_dir: str | Path, checksums: list[int] | None, chunk_bytes: int
+) -> None:
+    """Check a sample of ``path``'s pieces of ``chunk_bytes`` (all of them, for a small file): raise DataError if
+    one holds an id not below ``vocab_size``, or, given ``checksums`` (meta.json's, one CRC-32 a piece), if a
+    piece's CRC-32 differs from its own (ids overwritten with others, even valid ones).
+    """
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    n_chunks = -(-len(data) // chunk_bytes)
+    if checksums is not None and len(checksums) != n_chunks:
         raise DataError(
-            f"{path} holds token id {top}, not below the vocabulary size {vocab_size}; {redo_hint(data_dir)}"
+            f"{path} has {n_chunks} pieces, {META_FILE} has checksums of {len(checksums)}; {redo_hint(data_dir)}"
         )
+    picks = np.unique(np.linspace(0, n_chunks - 1, min(n_chunks, ID_CHECK_CHUNKS), dtype=np.int64))
+    for i in picks.tolist():
+        piece = data[i * chunk_bytes : (i + 1) * chunk_bytes]
+        top = int(piece.view(dtype).max())
+        if top >= vocab_size:  # the more telling of the two, where both fail
+            raise DataError(
+                f"{path} holds token id {top}, not below the vocabulary size {vocab_size}; {redo_hint(data_dir)}"
+            )
+        if checksums is not None and zlib.crc32(piece) != checksums[i]:
+            raise DataError(
+                f"{path} has changed since it was prepared (bytes {i * chunk_bytes}-{i * chunk_bytes + len(piece)} "
+                f"differ from the checksum in {META_FILE}); re-prepare it: {redo_hint(data_dir)}"
+            )
 
 
 class TokenWindows(Dataset):
@@ -294,7 +310,9 @@ class TinyStoriesDataModule(L.LightningDataModule):
 
     def _windows(self, split: str, meta: dict[str, Any]) -> TokenWindows:
         path, dtype, n_tokens = check_bin(self.data_dir, meta, split)
-        check_ids(path, dtype, n_tokens, meta["vocab_size"], self.data_dir)
+        # Directories prepared before meta.json held checksums are checked for ids only.
+        chunk_bytes = meta.get("crc32_chunk_bytes", ID_CHECK_TOKENS * dtype.itemsize)
+        check_ids(path, dtype, meta["vocab_size"], self.data_dir, meta["splits"][split].get("crc32"), chunk_bytes)
         story_offsets = None
         if split == "train" and self.align_to_stories:
             story_offsets = np.load(offsets_path(self.data_dir, split))

@@ -10,6 +10,8 @@ A prepared data directory holds
 
 Every file is written under a temporary name and renamed into place; ``meta.json`` is removed before the first
 rename and written after the last, so a run killed at any point leaves the previous complete set or no set.
+One process prepares a directory at a time (``.lock``, :mod:`gptlit.locks`): another one waits, then finds the
+set prepared, or prepares what its own settings still need.
 """
 
 from __future__ import annotations
@@ -28,12 +30,15 @@ from typing import Any
 import numpy as np
 
 from gptlit.errors import DataError
+from gptlit.locks import lock_directory
 from gptlit.sources import StorySource, open_source
 from gptlit.store import (
+    CHECKSUM_CHUNK_BYTES,
     FORMAT_VERSION,
     META_FILE,
     SPLITS,
     TOKENIZER_FILE,
+    ChunkChecksums,
     bin_path,
     check_files,
     offsets_path,
@@ -66,26 +71,30 @@ class _SplitWriter:
         self.file = open(bin_path(data_dir, split).with_suffix(".bin" + TMP_SUFFIX), "wb")  # noqa: SIM115
         self.tokens = self.stories = self.text_bytes = 0
         self.offsets: list[np.ndarray] = []
+        self.checksums = ChunkChecksums(CHECKSUM_CHUNK_BYTES)
 
     def write(self, texts: list[str], ids: list[list[int]]) -> None:
         """Append the encoded ``texts`` (``ids``: one ``<bos> ... <eos>`` list per text)."""
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         # A Python int that does not fit the dtype raises OverflowError here: never a silent wrap-around.
         flat = np.fromiter(chain.from_iterable(ids), dtype=self.dtype, count=int(lengths.sum()))
-        self.file.write(flat.tobytes())
+        data = flat.tobytes()
+        self.file.write(data)
+        self.checksums.update(data)
         self.offsets.append(self.tokens + np.cumsum(lengths) - lengths)
         self.tokens += len(flat)
         self.stories += len(texts)
         self.text_bytes += sum(len(t.encode("utf-8")) for t in texts)
 
-    def close(self) -> dict[str, int]:
+    def close(self) -> dict[str, Any]:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
         offsets = np.concatenate(self.offsets) if self.offsets else np.zeros(0, dtype=np.int64)
         with open(offsets_path(self.data_dir, self.split).with_suffix(".npy" + TMP_SUFFIX), "wb") as f:
             np.save(f, offsets)
-        return {"tokens": self.tokens, "stories": self.stories, "text_bytes": self.text_bytes}
+        counts = {"tokens": self.tokens, "stories": self.stories, "text_bytes": self.text_bytes}
+        return {**counts, "crc32": self.checksums.finish()}
 
     def abandon(self) -> None:
         """Close without syncing or writing offsets: the files are temporaries about to be removed."""
@@ -106,11 +115,12 @@ def _batches(pairs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, list[str]]
 
 def write_bins(
     pairs: Iterable[tuple[str, str]], tokenizer: Tokenizer, data_dir: Path, dtype: np.dtype
-) -> dict[str, dict[str, int]]:
+) -> dict[str, dict[str, Any]]:
     """Encode ``(split, story)`` pairs in batches into ``{split}.bin.tmp`` and ``{split}_offsets.npy.tmp``.
 
-    Returns per split: ``tokens`` (all ids, ``<bos>``/``<eos>`` included), ``stories`` and ``text_bytes``
-    (UTF-8 bytes of the stripped stories, separators excluded).
+    Returns per split: ``tokens`` (all ids, ``<bos>``/``<eos>`` included), ``stories``, ``text_bytes``
+    (UTF-8 bytes of the stripped stories, separators excluded) and ``crc32`` (the checksum of each
+    ``CHECKSUM_CHUNK_BYTES`` of the ``.bin``, computed as its bytes are written).
     """
     writers = {split: _SplitWriter(data_dir, split, dtype) for split in SPLITS}
     try:
@@ -205,10 +215,17 @@ def _choose_tokenizer(
             raise DataError(f"vocab_size is None but {path} does not exist: give a vocab_size or a tokenizer_path")
         return path, wanted, f"training a tokenizer with {vocab_size} tokens"
     settings = (old_meta or {}).get("settings", {})
-    vouched = settings.get("tokenizer_sha256") == Tokenizer.from_file(path).sha256
+    tokenizer = Tokenizer.from_file(path)
+    vouched = settings.get("tokenizer_sha256") == tokenizer.sha256
     old_trained = settings.get("tokenizer_trained_with") if vouched else None
     if old_trained is not None and wanted is not None and old_trained != wanted:
         return path, wanted, f"tokenizer settings changed from {old_trained} to {wanted}: retraining it"
+    if old_trained is None and vocab_size is not None and tokenizer.vocab_size != vocab_size:
+        # Never reused as it is, nor called up to date: it may be gptlit's own, of another size.
+        raise DataError(
+            f"{path} has {tokenizer.vocab_size} tokens, not vocab_size={vocab_size}, and no {META_FILE} records "
+            f"gptlit training it: delete it to train one of {vocab_size}, or set vocab_size to null to keep it"
+        )
     if not vouched:
         _say(f"using the tokenizer already in {path}; delete it to train a new one")
     # Ours with the same settings, or a tokenizer the user put there: reuse it as it is.
@@ -256,13 +273,21 @@ def prepare_dataset(
     Does nothing when ``data_dir`` already holds a complete set prepared with the same settings. The arguments
     mean what they mean on :class:`gptlit.data.TinyStoriesDataModule`.
     """
-    plan, meta = plan_preparation(
-        source, Path(data_dir), vocab_size, tokenizer_path, tokenizer_train_stories, val_fraction, seed
-    )
-    if plan is None:
-        _say(f"{data_dir} is up to date (same source, tokenizer and split settings); nothing to do")
-        return meta
-    return carry_out(plan)
+    data_dir = Path(data_dir)
+    settings = (source, data_dir, vocab_size, tokenizer_path, tokenizer_train_stories, val_fraction, seed)
+    plan, meta = plan_preparation(*settings)  # a prepared directory is read, never locked: it may be read-only
+    if plan is not None:
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)  # kept, like the files, when preparing fails
+            lock = lock_directory(data_dir, True, lambda holder: _say(f"waiting for {holder} to let go of {data_dir}"))
+        except OSError as err:
+            raise _unwritable(data_dir, err) from err
+        with lock:
+            plan, meta = plan_preparation(*settings)  # again: another process may have prepared it meanwhile
+            if plan is not None:
+                return carry_out(plan)
+    _say(f"{data_dir} is up to date (same source, tokenizer and split settings); nothing to do")
+    return meta
 
 
 def plan_preparation(
@@ -338,6 +363,7 @@ def carry_out(plan: Plan) -> dict[str, Any]:
             "format_version": FORMAT_VERSION,
             "dtype": dtype.name,
             "vocab_size": tokenizer.vocab_size,
+            "crc32_chunk_bytes": CHECKSUM_CHUNK_BYTES,
             "tokenizer_file": str(plan.tokenizer_file),
             "settings": {**plan.settings, "tokenizer_sha256": tokenizer.sha256},
             "splits": counts,

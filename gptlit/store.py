@@ -6,7 +6,8 @@ A prepared data directory holds
     train.bin, val.bin                  every story as ``<bos> story <eos>``, concatenated: a raw array of
                                         uint16 ids (uint32 above 65,535), readable with ``np.memmap``
     train_offsets.npy, val_offsets.npy  int64 start of each story in its ``.bin``
-    meta.json                           written last: describes the files above and the settings behind them
+    meta.json                           written last: describes the files above and the settings behind them,
+                                        with a CRC-32 of every ``CHECKSUM_CHUNK_BYTES`` of each ``.bin``
 
 `gptlit.prepare` writes it; `gptlit.data` and `gptlit.draft` read it, through the functions here.
 """
@@ -14,6 +15,7 @@ A prepared data directory holds
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,9 @@ from gptlit.errors import DataError
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 META_FILE, TOKENIZER_FILE = "meta.json", "tokenizer.json"
+# A .bin's checksums in meta.json (``splits.<split>.crc32``) cover pieces of this many bytes (the last one shorter):
+# some 16,000 numbers per GB of tokens, of which a check reads only the pieces it samples.
+CHECKSUM_CHUNK_BYTES = 1 << 16
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -73,6 +78,31 @@ def check_bin(data_dir: str | Path, meta: dict[str, Any], split: str) -> tuple[P
             f"{path} holds {size // dtype.itemsize} tokens, {META_FILE} says {expected}; {redo_hint(data_dir)}"
         )
     return path, dtype, expected
+
+
+class ChunkChecksums:
+    """The CRC-32 of each ``chunk_bytes`` piece of a byte stream that arrives in parts of any size.
+
+    Args:
+        chunk_bytes: The size of the pieces; the last one holds what is left.
+    """
+
+    def __init__(self, chunk_bytes: int = CHECKSUM_CHUNK_BYTES) -> None:
+        self.chunk_bytes, self.sums = chunk_bytes, []
+        self.crc = self.filled = 0  # of the piece being filled
+
+    def update(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            take = min(len(view), self.chunk_bytes - self.filled)
+            self.crc, self.filled, view = zlib.crc32(view[:take], self.crc), self.filled + take, view[take:]
+            if self.filled == self.chunk_bytes:
+                self.sums.append(self.crc)
+                self.crc = self.filled = 0
+
+    def finish(self) -> list[int]:
+        """The checksums of all pieces, the last partial one included."""
+        return [*self.sums, self.crc] if self.filled else list(self.sums)
 
 
 def check_files(data_dir: str | Path, meta: dict[str, Any]) -> None:

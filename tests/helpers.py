@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -105,6 +106,16 @@ def write_stories(path: Path, stories: list[str], fmt: str) -> Path:
     elif fmt == "parquet":
         pq.write_table(pa.table({"text": messy}), path)
     return path
+
+
+def swap_ids(path: Path) -> None:
+    """Swap two different ids in the middle of a uint16 ``.bin``: every id stays valid and every id's count the
+    same, so only a checksum can tell."""
+    tokens = np.memmap(path, dtype=np.uint16, mode="r+")
+    i = len(tokens) // 2
+    j = i + int(np.flatnonzero(tokens[i:] != tokens[i])[0])
+    tokens[i], tokens[j] = tokens[j], tokens[i]
+    tokens.flush()
 
 
 def make_dm(data_dir: Path, source: Path | str, **kwargs) -> TinyStoriesDataModule:

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import time
 from pathlib import Path
 
 import lightning as L
@@ -82,3 +83,17 @@ class RecordParams(L.Callback):
             digest.update(tensor.detach().cpu().numpy().tobytes())
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{trainer.global_rank}.txt").write_text(digest.hexdigest())
+
+
+class PauseAt(L.Callback):
+    """At the start of optimizer step ``step``, creates ``<gate>.reached`` and waits until the file ``gate`` exists:
+    a run held still at a known point while a test does something beside it."""
+
+    def __init__(self, step: int, gate: str) -> None:
+        self.step, self.gate = step, Path(gate)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            Path(f"{self.gate}.reached").touch()
+            while not self.gate.exists():
+                time.sleep(0.01)

@@ -28,7 +28,7 @@ import torch
 import yaml
 from conftest import make_stories
 from forked_cli import ForkedCli
-from helpers import write_config, write_corpus
+from helpers import swap_ids, write_config, write_corpus
 
 from gptlit.cli import cli_main
 from gptlit.tokenizer import train_tokenizer
@@ -76,6 +76,10 @@ def put_id_beyond_vocab(ws: Path) -> None:
     tokens = np.memmap(ws / "data" / "val.bin", dtype=np.uint16, mode="r+")
     tokens[len(tokens) // 2] = 400  # the vocabulary has 320
     tokens.flush()
+
+
+def swap_valid_ids(ws: Path) -> None:
+    swap_ids(ws / "data" / "train.bin")
 
 
 def set_meta_version(ws: Path) -> None:
@@ -175,6 +179,12 @@ CASES = [
     Case(".bin truncated to an odd size", "fit --ckpt_path last", "train.bin is truncated", setup=truncate_train_bin),
     Case(
         "token id >= vocab in a .bin", "fit --ckpt_path last", "val.bin holds token id 400", setup=put_id_beyond_vocab
+    ),
+    Case(
+        "token ids swapped for other valid ids",
+        "fit --ckpt_path last",
+        "train.bin has changed since it was prepared",
+        setup=swap_valid_ids,
     ),
     Case("meta.json of another version", "fit --ckpt_path last", "has format version 0", setup=set_meta_version),
     Case("vocab size other than the checkpoint's", "fit --ckpt_path last --data.vocab_size 400", "vocab_size=320"),

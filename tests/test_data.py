@@ -5,12 +5,13 @@ import os
 import shutil
 import socket
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import make_stories
-from helpers import make_dm, write_stories
+from helpers import make_dm, swap_ids, write_stories
 
 from gptlit import prepare as prepare_module
 from gptlit.data import (
@@ -194,6 +195,50 @@ def test_changed_settings_prepare_again(prepared: Path, tmp_path: Path, capsys: 
     new_meta = json.loads((data_dir / "meta.json").read_text())
     assert new_meta["settings"]["tokenizer_sha256"] == meta["settings"]["tokenizer_sha256"]
     assert len(decoded_split(data_dir, "train")) + len(decoded_split(data_dir, "val")) == 200
+
+
+def test_a_tokenizer_no_meta_vouches_for_is_never_up_to_date_for_another_size(prepared: Path, tmp_path: Path) -> None:
+    """A tokenizer.json with no record of its training (put there by hand, or its meta.json lost to a cut-short
+    preparation) and another vocab_size than asked: refused, not reused as "up to date"."""
+    data_dir = copy_prepared(prepared, tmp_path)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    meta["settings"]["tokenizer_trained_with"] = None
+    (data_dir / "meta.json").write_text(json.dumps(meta))
+    before = {p.name: p.read_bytes() for p in data_dir.iterdir()}
+    with pytest.raises(
+        DataError, match=r"tokenizer\.json has \d+ tokens, not vocab_size=320, and no meta\.json records"
+    ):
+        make_dm(data_dir, prepared / "stories.txt", vocab_size=320).prepare_data()
+    assert {p.name: p.read_bytes() for p in data_dir.iterdir()} == before
+    (data_dir / "meta.json").unlink()
+    with pytest.raises(DataError, match=r"not vocab_size=320"):
+        make_dm(data_dir, prepared / "stories.txt", vocab_size=320).prepare_data()
+
+
+def test_checksums_are_those_of_the_written_files(prepared: Path, tmp_path: Path, monkeypatch) -> None:
+    """Computed while the ids stream out, in batches that straddle the pieces' boundaries."""
+    monkeypatch.setattr(prepare_module, "ENCODE_BATCH_STORIES", 16)
+    monkeypatch.setattr(prepare_module, "CHECKSUM_CHUNK_BYTES", 100)
+    make_dm(tmp_path / "data", prepared / "stories.txt").prepare_data()
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert meta["crc32_chunk_bytes"] == 100
+    for split in ("train", "val"):
+        data = (tmp_path / "data" / f"{split}.bin").read_bytes()
+        assert meta["splits"][split]["crc32"] == [zlib.crc32(data[i : i + 100]) for i in range(0, len(data), 100)]
+
+
+def test_ids_swapped_for_other_valid_ids_are_refused(prepared: Path, tmp_path: Path) -> None:
+    data_dir = copy_prepared(prepared, tmp_path)
+    swap_ids(data_dir / "train.bin")
+    with pytest.raises(DataError, match=r"train\.bin has changed since it was prepared .*re-prepare it: delete"):
+        make_dm(data_dir, prepared / "stories.txt").setup("fit")
+    # A meta.json of before the checksums: checked for ids only, as then.
+    meta = json.loads((data_dir / "meta.json").read_text())
+    for split in ("train", "val"):
+        del meta["splits"][split]["crc32"]
+    del meta["crc32_chunk_bytes"]
+    (data_dir / "meta.json").write_text(json.dumps(meta))
+    make_dm(data_dir, prepared / "stories.txt").setup("fit")
 
 
 def _crash_on(monkeypatch: pytest.MonkeyPatch, target: object, name: str, after: int) -> None:
