@@ -243,6 +243,21 @@ CASES = [
         "cannot create the run directory blocker/runs/lightning_logs/elsewhere: blocker is not a directory",
         setup=write_blocking_file,
     ),
+    *[
+        Case(
+            f"run name that is no run, to {command.split()[0]}",
+            command,
+            "no run of that name in lightning_logs; the runs there: run",
+        )
+        for command in (
+            "sample --run_name rnu",
+            "export --run_name rnu --ckpt_path best --out_dir hf",
+            "fit --ckpt_path last --run_name rnu",
+        )
+    ],
+    Case(
+        "predict", "predict --ckpt_path last", "write stories from a checkpoint with `python -m gptlit sample", code=2
+    ),
     Case("sample on a device that is not one", "sample --device gpu0", "--device gpu0: not a device"),
     Case(
         "export into a file",
@@ -329,7 +344,8 @@ def outcomes(request: pytest.FixtureRequest, workspace: Path, tmp_path_factory) 
         if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params
     ]
     selected = [case for case in selected if case.runs_here]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(TESTS)}
+    # This checkout's gptlit, not whichever one is installed.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join((str(TESTS), str(TESTS.parent)))}
     env.pop("GPTLIT_DEBUG", None)
     clis: Queue[ForkedCli] = Queue()
     for _ in range(2):
