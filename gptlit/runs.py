@@ -58,13 +58,13 @@ def run_names(root: str | Path) -> list[str]:
 
 
 def named_run(root: str | Path, run_name: str) -> Path:
-    """The directory of run ``run_name``; a name with no run is refused, naming the runs there are."""
+    """The directory of run ``run_name``; a name of no run is refused, naming the runs there are."""
     run = run_dir(root, run_name)
     if run.is_dir():
         return run
     names = run_names(root)
     there = f"the runs there: {', '.join(names)}" if names else "there are no runs there yet"
-    raise UsageError(f"--run_name {run_name}: no run of that name in {shown(run.parent)}; {there}")
+    raise UsageError(f"no run '{run_name}' in {shown(run.parent)}; {there}")
 
 
 def has_checkpoint(run: Path) -> bool:
@@ -94,6 +94,7 @@ def resolve_checkpoint(ckpt_path: str, run: Path | None) -> Path:
                 f"--ckpt_path {ckpt_path}: no run found to resume; start one with "
                 "`python -m gptlit fit --config configs/tiny.yaml`"
             )
+        named_run(run.parent.parent, run.name)  # a run that does not exist is refused, naming those that do
         path = run / "checkpoints" / f"{ckpt_path}.ckpt"
         if not path.is_file():
             raise UsageError(
@@ -145,7 +146,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
 
 def find_checkpoint(ckpt_path: str, root: str | Path = ".", run_name: str | None = None) -> Path:
     """A checkpoint file from a path, or from ``last``/``best`` of a named run (default: the latest run)."""
-    if ckpt_path not in CHECKPOINT_ALIASES:
-        return resolve_checkpoint(ckpt_path, None)
-    run = named_run(root, run_name) if run_name else latest_run(root)
+    run = run_dir(root, run_name) if run_name else latest_run(root)
     return resolve_checkpoint(ckpt_path, run)

@@ -95,6 +95,10 @@ def nothing_started(ws: Path) -> None:
     assert not (ws / "lightning_logs").exists()
 
 
+def write_config_of_no_run(ws: Path) -> None:
+    shutil.copy(ws / "run.yaml", ws / "rnu.yaml")
+
+
 def write_plain_ckpt(ws: Path) -> None:
     torch.save({"state_dict": {"weight": torch.zeros(2)}}, ws / "plain.ckpt")
 
@@ -245,14 +249,16 @@ CASES = [
     ),
     *[
         Case(
-            f"run name that is no run, to {command.split()[0]}",
+            f"run name that is no run, to {command}",
             command,
-            "no run of that name in lightning_logs; the runs there: run",
+            "no run 'rnu' in lightning_logs; the runs there: run",
+            setup=write_config_of_no_run,
         )
         for command in (
             "sample --run_name rnu",
             "export --run_name rnu --ckpt_path best --out_dir hf",
             "fit --ckpt_path last --run_name rnu",
+            "fit --config rnu.yaml --ckpt_path last",  # the run a config file names
         )
     ],
     Case(
