@@ -1,4 +1,4 @@
-"""The command line: ``python -m gptlit fit|validate|test|predict|prepare|sample|export``.
+"""The command line: ``python -m gptlit fit|validate|test|prepare|sample|export`` (``--help`` lists them).
 
 ``fit`` and friends go through LightningCLI; every run gets a fixed directory
 ``lightning_logs/<run_name>/`` so that ``--ckpt_path last`` finds it again, with or without ``--config``.
