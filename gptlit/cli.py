@@ -1,4 +1,4 @@
-"""The command line: ``python -m gptlit fit|validate|test|predict|prepare|sample|export``.
+"""The command line: ``python -m gptlit fit|validate|test|prepare|sample|export`` (``--help`` lists them).
 
 ``fit`` and friends go through LightningCLI; every run gets a fixed directory
 ``lightning_logs/<run_name>/`` so that ``--ckpt_path last`` finds it again, with or without ``--config``.
@@ -25,23 +25,35 @@ from gptlit.checkpointing import AtomicCheckpointIO, BestCheckpoint, LastCheckpo
 from gptlit.data import TinyStoriesDataModule
 from gptlit.errors import ConfigError, GptlitError, UsageError
 from gptlit.export import export
+from gptlit.help import CKPT_PATH_HELP, NOT_COMMANDS, overview, program, where_lines
 from gptlit.lightning_private import KeepConfigOverCheckpoint
 from gptlit.locks import DirectoryLock, lock_directory
 from gptlit.module import GPTLitModule
-from gptlit.run_config import SaveRunConfig, command_options, is_rank_zero, migrated_config_args
+from gptlit.run_config import (
+    SaveRunConfig,
+    announce_saved_config,
+    command_options,
+    config_of_resumed_run,
+    is_rank_zero,
+    migrated_config_args,
+)
 from gptlit.runs import (
     CHECKPOINT_ALIASES,
     LOGS_DIR,
     check_same_optimizer,
     check_same_shape,
+    has_checkpoint,
     latest_run,
+    named_run,
     resolve_checkpoint,
     run_dir,
+    set_aside,
+    shown,
 )
 from gptlit.sample import sample
 from gptlit.stopping import GracefulStop
 
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")  # not predict: see gptlit.help.NOT_COMMANDS
 FUNCTION_SUBCOMMANDS = {"sample": sample, "export": export}
 SUBCOMMANDS = (*LIGHTNING_SUBCOMMANDS, "prepare", *FUNCTION_SUBCOMMANDS)
 # Tokens per second and learning rates are averaged over this many batches by ThroughputMonitor.
@@ -64,7 +76,15 @@ class OneLineErrors:
 
 
 class GPTLitArgumentParser(OneLineErrors, LightningArgumentParser):
-    """The parser of ``fit``, ``validate``, ``test``, ``predict`` and ``prepare``."""
+    """The parser of ``fit``, ``validate``, ``test`` and ``prepare``."""
+
+    def add_method_arguments(self, *args, **kwargs) -> list[str]:
+        """The Trainer method's arguments, ``--ckpt_path`` with the help of what gptlit accepts there."""
+        added = super().add_method_arguments(*args, **kwargs)
+        for action in self._actions:
+            if action.dest == "ckpt_path":
+                action.help = CKPT_PATH_HELP
+        return added
 
 
 class FunctionArgumentParser(OneLineErrors, ArgumentParser):
@@ -72,13 +92,16 @@ class FunctionArgumentParser(OneLineErrors, ArgumentParser):
 
 
 def _add_config_of_run(args: list[str]) -> list[str]:
-    """``--ckpt_path`` with no config file resumes the checkpoint's run, with that run's config and name.
+    """``--ckpt_path`` resumes the checkpoint's run, with that run's saved config and name (with ``--config``:
+    `gptlit.run_config.config_of_resumed_run`).
 
     ``last``/``best`` name the run ``--run_name`` gives, else the most recently written one; a file in
     ``<root>/lightning_logs/<run>/checkpoints/`` names its run (also one copied or renamed since).
     """
     options = command_options(args[1:])
-    if options.ckpt_path is None or options.config:
+    if options.config:
+        return config_of_resumed_run(args)
+    if options.ckpt_path is None:
         return args
     if options.ckpt_path not in CHECKPOINT_ALIASES:
         path = Path(options.ckpt_path)
@@ -86,14 +109,16 @@ def _add_config_of_run(args: list[str]) -> list[str]:
         if path.parent.name != "checkpoints" or not (run / "config.yaml").is_file():
             return args
         where = ["--trainer.default_root_dir", str(run.parent.parent)] if run.parent.name == LOGS_DIR else []
+        announce_saved_config(run, args[1:])
         return [args[0], "--config", str(run / "config.yaml"), "--run_name", run.name, *where, *args[1:]]
     root = options.root_dir or os.getcwd()
-    run = run_dir(root, options.run_name) if options.run_name else latest_run(root)
+    run = named_run(root, options.run_name) if options.run_name else latest_run(root)
     if run is None or not (run / "config.yaml").is_file():
         raise UsageError(
             f"--ckpt_path {options.ckpt_path}: no run to resume in {run or Path(root) / LOGS_DIR}; "
             "start one with `python -m gptlit fit --config configs/tiny.yaml`"
         )
+    announce_saved_config(run, args[1:])
     return [args[0], "--config", str(run / "config.yaml"), "--run_name", run.name, *args[1:]]
 
 
@@ -108,6 +133,23 @@ class GPTLitCLI(KeepConfigOverCheckpoint, LightningCLI):
         finally:
             if self.run_lock is not None:
                 self.run_lock.release()
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in LIGHTNING_SUBCOMMANDS}
+
+    def before_fit(self) -> None:
+        """Say where the run is, and how to watch and resume it."""
+        if is_rank_zero():
+            print("\n".join(where_lines(self.run_dir, started=True)), file=sys.stderr)
+
+    def after_fit(self) -> None:
+        """Say where the run's checkpoints are, and what to run next."""
+        trainer = self.trainer
+        finished = 0 < trainer.max_steps <= trainer.global_step
+        if is_rank_zero():
+            lines = where_lines(self.run_dir, started=False, extend_to=2 * trainer.max_steps if finished else None)
+            print("\n".join(lines), file=sys.stderr)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -144,12 +186,7 @@ class GPTLitCLI(KeepConfigOverCheckpoint, LightningCLI):
             if config.get("weights_only") is None:
                 config.weights_only = True  # Lightning's own load: tensors and plain types only, no code
         elif self.subcommand == "fit" and is_rank_zero() and (self.run_dir / "config.yaml").exists():
-            if not config.overwrite:
-                raise UsageError(
-                    f"run '{config.run_name}' already exists in {self.run_dir}; resume it with --ckpt_path last, "
-                    "choose another --run_name, or pass --overwrite true to replace it"
-                )
-            self.run_lock.clear()
+            _make_room(self.run_dir, config.overwrite, self.run_lock)
         config.overwrite = False  # never saved into the run's config.yaml: a resume must not wipe the run
 
     def instantiate_trainer(self, **kwargs):
@@ -197,6 +234,23 @@ def _default_callbacks(present: list, progress_bar: bool | None) -> list:
     return [cb for cb in defaults if not any(isinstance(other, type(cb)) for other in present)]
 
 
+def _make_room(run: Path, overwrite: bool, lock: DirectoryLock) -> None:
+    """A fresh ``fit`` where a run of its name exists: with ``--overwrite true`` the run is replaced; a run that
+    saved no checkpoint (killed before its first) starts over, its earlier logs moved aside; any other is refused.
+    """
+    if overwrite:
+        lock.clear()  # everything but the lock this process holds
+    elif not has_checkpoint(run):
+        aside = set_aside(run)
+        note = f"gptlit: run '{run.name}' saved no checkpoint: starting it over; its logs moved to {shown(aside)}"
+        print(note, file=sys.stderr)
+    else:
+        raise UsageError(
+            f"run '{run.name}' already exists in {run}; resume it with --ckpt_path last, "
+            "choose another --run_name, or pass --overwrite true to replace it"
+        )
+
+
 def _check_writable(directory: Path) -> None:
     """Refuse a run directory that cannot be created, before anything is prepared or trained (and leave no trace)."""
     existing = directory
@@ -237,9 +291,8 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, err
 
 def _command(args: list[str]) -> str:
     """How the user called gptlit, for hints: ``python -m gptlit fit`` or ``gptlit fit``."""
-    program = "gptlit" if Path(sys.argv[0]).name == "gptlit" else "python -m gptlit"
     subcommand = args[0] if args and args[0] in SUBCOMMANDS else ""
-    return f"{program} {subcommand}".strip()
+    return f"{program()} {subcommand}".strip()
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -248,13 +301,17 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 
 
 def _run(args: list[str]) -> None:
-    if args and args[0] == "prepare":
+    if not args or args[0] in ("-h", "--help"):
+        print(overview())
+    elif args[0] == "prepare":
         prepare_main(args[1:])
     elif args and args[0] in FUNCTION_SUBCOMMANDS:
         auto_cli(FUNCTION_SUBCOMMANDS[args[0]], args=args[1:], as_positional=False, parser_class=FunctionArgumentParser)
     elif args and args[0] in LIGHTNING_SUBCOMMANDS:
         make_cli(_add_config_of_run(args))
-    elif args and not args[0].startswith("-"):
+    elif args[0] in NOT_COMMANDS:
+        raise ConfigError(f"'{args[0]}' is not a gptlit command: {NOT_COMMANDS[args[0]]}")
+    elif not args[0].startswith("-"):
         raise ConfigError(f"unknown command '{args[0]}'; choose one of {', '.join(SUBCOMMANDS)}")
     else:
         make_cli(args)

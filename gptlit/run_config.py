@@ -23,6 +23,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 
 from gptlit.checkpoint import nest_model_config
 from gptlit.config import GPTConfig
+from gptlit.runs import CHECKPOINT_ALIASES, run_dir, shown
 
 GPT_FIELDS = {f.name for f in dataclasses.fields(GPTConfig)}
 
@@ -76,6 +77,71 @@ def command_options(args: list[str]) -> argparse.Namespace:
     parser.add_argument("--trainer.default_root_dir", dest="root_dir")
     known, _ = parser.parse_known_args(args)
     return known
+
+
+def config_of_resumed_run(args: list[str]) -> list[str]:
+    """``fit --config X --ckpt_path last``: the run's saved ``config.yaml`` in place of ``X``.
+
+    ``X`` only names the run (``run_name`` in it, else its file name; ``--run_name`` first), as it did when the
+    run started: what the run was started with (a local ``data.source`` given on the command line, say) comes
+    from its own ``config.yaml``, and only what is typed after it (``--trainer.max_steps 2000``, further
+    ``--config`` files) changes that. Unchanged when the run has no ``config.yaml``, when ``X`` is itself a
+    run's ``config.yaml``, or when ``--ckpt_path`` is a file outside the run's ``checkpoints/`` (a new run
+    started from another's weights). ``args[0]`` is the subcommand.
+    """
+    options = command_options(args[1:])
+    if options.ckpt_path is None or not options.config:
+        return args
+    given = Path(options.config[0])
+    if given.name == "config.yaml" and (given.parent / "checkpoints").is_dir():
+        return args
+    settings = _read_yaml(given)
+    trainer = settings.get("trainer") if isinstance(settings.get("trainer"), dict) else {}
+    name = options.run_name or settings.get("run_name") or given.stem
+    run = run_dir(options.root_dir or trainer.get("default_root_dir") or os.getcwd(), str(name))
+    in_run = Path(options.ckpt_path).resolve().parent == (run / "checkpoints").resolve()
+    if not (run / "config.yaml").is_file() or not (options.ckpt_path in CHECKPOINT_ALIASES or in_run):
+        return args
+    rest = _without_first_config(args[1:])
+    announce_saved_config(run, rest, instead_of=str(given))
+    return [args[0], "--config", str(run / "config.yaml"), "--run_name", run.name, *rest]
+
+
+def announce_saved_config(run: Path, args: list[str], instead_of: str | None = None) -> None:
+    """Say, in one line, that ``run``'s saved ``config.yaml`` is used, and which options ``args`` change."""
+    if not is_rank_zero():
+        return
+    changed = []
+    for i, arg in enumerate(args):
+        name, _, value = arg.partition("=")
+        if name in ("-c", "--config"):  # a config file on top: named as given
+            changed.append(value or (args[i + 1] if i + 1 < len(args) else ""))
+        elif arg.startswith("--") and name not in _NAMING_OPTIONS:
+            changed.append(name[2:].rstrip("+"))  # --trainer.callbacks+=... appends
+    note = f" ({instead_of} names the run; its settings are not read)" if instead_of else ""
+    what = f"changed on the command line: {', '.join(changed)}" if changed else "nothing changed on the command line"
+    print(f"gptlit: run '{run.name}' uses its saved {shown(run / 'config.yaml')}{note}; {what}", file=sys.stderr)
+
+
+# Options that name the run to resume, not settings of it.
+_NAMING_OPTIONS = ("--ckpt_path", "--run_name")
+
+
+def _without_first_config(args: list[str]) -> list[str]:
+    for i, arg in enumerate(args):
+        if arg in ("-c", "--config"):
+            return args[:i] + args[i + 2 :]
+        if arg.startswith("--config="):
+            return args[:i] + args[i + 1 :]
+    return args
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return {}  # the parser reports it
+    return settings if isinstance(settings, dict) else {}
 
 
 def migrate_config(config: dict[str, Any]) -> list[str]:
@@ -136,11 +202,8 @@ def migrated_config_args(args: list[str]) -> list[str]:
 
 
 def _migrated_file(path: str) -> str:
-    try:
-        config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return path  # the parser reports it
-    if not isinstance(config, dict):
+    config = _read_yaml(Path(path))
+    if not config:
         return path
     before = copy.deepcopy(config)
     notes = migrate_config(config)

@@ -6,6 +6,9 @@ TensorBoard event files and ``checkpoints/{last,best}.ckpt``.
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from gptlit.tokenizer import Tokenizer
 
 LOGS_DIR = "lightning_logs"
 CHECKPOINT_ALIASES = ("last", "best")
+ATTEMPTS_DIR = "attempts"  # <run>/attempts/<time>/: the logs of earlier starts that saved no checkpoint
 
 # Read before gptlit 0.2 from this module; gptlit.checkpoint reads checkpoints now.
 load_checkpoint = read_checkpoint
@@ -25,6 +29,15 @@ load_checkpoint = read_checkpoint
 
 def run_dir(root: str | Path, run_name: str) -> Path:
     return Path(root) / LOGS_DIR / run_name
+
+
+def shown(path: str | Path) -> str:
+    """``path`` as a user would type it here: relative to the working directory when it lies under it."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        return str(absolute.relative_to(os.getcwd()))
+    except ValueError:
+        return str(absolute)
 
 
 def latest_run(root: str | Path) -> Path | None:
@@ -37,6 +50,42 @@ def latest_run(root: str | Path) -> Path | None:
     return max(candidates)[1] if candidates else None
 
 
+def run_names(root: str | Path) -> list[str]:
+    """The names of the runs under ``<root>/lightning_logs``: directories with a ``config.yaml`` or checkpoints."""
+    logs = Path(root) / LOGS_DIR
+    runs = logs.iterdir() if logs.is_dir() else []
+    return sorted(p.name for p in runs if (p / "config.yaml").is_file() or (p / "checkpoints").is_dir())
+
+
+def named_run(root: str | Path, run_name: str) -> Path:
+    """The directory of run ``run_name``; a name of no run is refused, naming the runs there are."""
+    run = run_dir(root, run_name)
+    if run.is_dir():
+        return run
+    names = run_names(root)
+    there = f"the runs there: {', '.join(names)}" if names else "there are no runs there yet"
+    raise UsageError(f"no run '{run_name}' in {shown(run.parent)}; {there}")
+
+
+def has_checkpoint(run: Path) -> bool:
+    """Whether the run has saved any checkpoint in its ``checkpoints/`` directory."""
+    return any((run / "checkpoints").glob("*.ckpt"))
+
+
+def set_aside(run: Path) -> Path:
+    """Move what ``run`` holds into ``<run>/attempts/<time>/`` and return that directory.
+
+    A run that saved no checkpoint has nothing to resume: starting it over keeps its earlier logs there
+    (TensorBoard still shows them, as a run of their own). Hidden files stay where they are.
+    """
+    aside = run / ATTEMPTS_DIR / time.strftime("%Y%m%d-%H%M%S")
+    aside.mkdir(parents=True, exist_ok=True)
+    for entry in run.iterdir():
+        if entry.name != ATTEMPTS_DIR and not entry.name.startswith("."):
+            shutil.move(entry, aside / entry.name)
+    return aside
+
+
 def resolve_checkpoint(ckpt_path: str, run: Path | None) -> Path:
     """Turn ``last``/``best`` (of ``run``) or a file path into an existing checkpoint file."""
     if ckpt_path in CHECKPOINT_ALIASES:
@@ -45,6 +94,7 @@ def resolve_checkpoint(ckpt_path: str, run: Path | None) -> Path:
                 f"--ckpt_path {ckpt_path}: no run found to resume; start one with "
                 "`python -m gptlit fit --config configs/tiny.yaml`"
             )
+        named_run(run.parent.parent, run.name)  # a run that does not exist is refused, naming those that do
         path = run / "checkpoints" / f"{ckpt_path}.ckpt"
         if not path.is_file():
             raise UsageError(

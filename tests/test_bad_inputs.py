@@ -99,6 +99,10 @@ def nothing_started(ws: Path) -> None:
     assert not (ws / "lightning_logs").exists()
 
 
+def write_config_of_no_run(ws: Path) -> None:
+    shutil.copy(ws / "run.yaml", ws / "rnu.yaml")
+
+
 def write_plain_ckpt(ws: Path) -> None:
     torch.save({"state_dict": {"weight": torch.zeros(2)}}, ws / "plain.ckpt")
 
@@ -253,6 +257,23 @@ CASES = [
         "cannot create the run directory blocker/runs/lightning_logs/elsewhere: blocker is not a directory",
         setup=write_blocking_file,
     ),
+    *[
+        Case(
+            f"run name that is no run, to {command}",
+            command,
+            "no run 'rnu' in lightning_logs; the runs there: run",
+            setup=write_config_of_no_run,
+        )
+        for command in (
+            "sample --run_name rnu",
+            "export --run_name rnu --ckpt_path best --out_dir hf",
+            "fit --ckpt_path last --run_name rnu",
+            "fit --config rnu.yaml --ckpt_path last",  # the run a config file names
+        )
+    ],
+    Case(
+        "predict", "predict --ckpt_path last", "write stories from a checkpoint with `python -m gptlit sample", code=2
+    ),
     Case("sample on a device that is not one", "sample --device gpu0", "--device gpu0: not a device"),
     Case(
         "export into a file",
@@ -344,9 +365,8 @@ def outcomes(request: pytest.FixtureRequest, workspace: Path, tmp_path_factory) 
         if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params
     ]
     selected = [case for case in selected if case.runs_here]
-    # tests/ first (probes), then the caller's path, which may hold the gptlit under test
-    pythonpath = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath}
+    # This checkout's gptlit, not whichever one is installed.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join((str(TESTS), str(TESTS.parent)))}
     env.pop("GPTLIT_DEBUG", None)
     clis: Queue[ForkedCli] = Queue()
     for _ in range(2):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +182,56 @@ def test_settings_the_trainer_refuses_are_one_line(workdir: Path, capsys) -> Non
     assert failed.value.code == 2
     line = _error_line(capsys)
     assert line.startswith("gptlit: error: trainer: The strategy `fsdp` requires a GPU accelerator")
+
+
+def test_a_run_that_saved_no_checkpoint_starts_over_and_keeps_its_logs(workdir: Path, capsys) -> None:
+    """A run killed before its first checkpoint has nothing to resume: a fresh fit starts it over."""
+    config = write_config(workdir, max_steps=4)
+    run_cli("fit", "--config", str(config))
+    run = workdir / "lightning_logs" / "run"
+    shutil.rmtree(run / "checkpoints")  # as if killed before the first save
+    before = sorted(p.name for p in run.iterdir())
+    capsys.readouterr()
+    run_cli("fit", "--config", str(config))
+    (aside,) = (run / "attempts").iterdir()
+    assert sorted(p.name for p in aside.iterdir()) == before  # config.yaml, hparams.yaml, the event file
+    assert f"its logs moved to {aside.relative_to(workdir)}" in capsys.readouterr().err
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_fit_says_where_the_run_is_and_its_commands_work(workdir: Path, capsys) -> None:
+    """At its start and end, fit names the run's directory and checkpoints, and the commands that follow; the
+    resume and sample commands it prints run as printed (here with the run outside the working directory)."""
+    run_cli("fit", "--config", str(write_config(workdir, max_steps=4)), "--trainer.default_root_dir", "elsewhere")
+    err = capsys.readouterr().err
+    assert "gptlit: run 'run' in elsewhere/lightning_logs/run, checkpoints in elsewhere/lightning_logs/run/" in err
+    assert "watch:  tensorboard --logdir elsewhere/lightning_logs" in err
+    end = err[err.rindex("gptlit: run 'run' in") :].splitlines()
+    assert len(end) <= 6
+    assert end[0].endswith("checkpoints: elsewhere/lightning_logs/run/checkpoints/last.ckpt")
+    commands = {line.split(":")[0].strip(): shlex.split(line.split(":", 1)[1]) for line in end[1:]}
+    assert commands["export"][:3] == ["python", "-m", "gptlit"] and "--root_dir" in commands["export"]
+    assert commands["extend"][-2:] == ["--trainer.max_steps", "8"]  # the run reached its max_steps
+    run_cli(*commands["extend"][3:-2], "--trainer.max_steps", "6")
+    last = workdir / "elsewhere" / "lightning_logs" / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+    capsys.readouterr()
+    run_cli(*commands["sample"][3:], "--max_new_tokens", "3", "--prompt", "Lily")
+    assert capsys.readouterr().out.startswith("Lily")
+
+
+def test_gptlit_help_lists_every_command(capsys) -> None:
+    run_cli("--help")
+    out = capsys.readouterr().out
+    commands = [line.split()[0] for line in out.split("commands:\n")[1].split("\n\n")[0].splitlines()]
+    assert commands == ["fit", "validate", "test", "prepare", "sample", "export"]
+    assert "predict" not in out
+
+
+def test_fit_help_says_what_ckpt_path_takes(capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        run_cli("fit", "--help")
+    assert done.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split("--ckpt_path CKPT_PATH\n")[1].split())
+    assert help_text.startswith("Resume (fit) or evaluate (validate, test) a checkpoint: last")
+    assert "own saved config.yaml" in help_text and "hpc" not in help_text

@@ -27,7 +27,7 @@ TESTS = Path(__file__).parent
 
 
 def fit(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(TESTS), str(TESTS.parent)))}  # this checkout's gptlit
     result = subprocess.run(
         [sys.executable, "-m", "gptlit", "fit", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
@@ -65,6 +65,7 @@ def test_ddp_on_two_processes_equals_one_process_with_the_doubled_batch(tmp_path
     )  # fmt: skip
     run = ddp / "lightning_logs" / "run"
     assert first.stderr.count("gptlit data: preparing") == 1  # the first process only; the other one waited
+    assert first.stderr.count("gptlit: run 'run' in lightning_logs/run") == 2  # where it is, at start and end, once
     assert sorted(p.name for p in (ddp / "lightning_logs").iterdir()) == ["run"]
     assert len(list(run.glob("events.out.tfevents.*"))) == 1  # one writer
     shutil.copy(run / "checkpoints" / "last.ckpt", tmp_path / "ddp-step4.ckpt")

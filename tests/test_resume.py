@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import params, run_cli, scalars, write_config
 
 from gptlit.checkpointing import BestCheckpoint
@@ -92,3 +93,23 @@ def test_ckpt_path_last_resumes_the_named_run_and_a_copied_run_resumes_in_its_ow
     run_cli("fit", "--ckpt_path", str(runs / "beta-fork" / "checkpoints" / "last.ckpt"), "--trainer.max_steps", "8")
     assert step_of(runs / "beta-fork" / "checkpoints" / "last.ckpt") == 8
     assert step_of(runs / "beta" / "checkpoints" / "last.ckpt") == 4  # the original is left as it was
+
+
+def test_resume_and_extend_with_the_starting_config_keeps_the_runs_own_settings(workdir: Path, capsys) -> None:
+    """The README's ``fit --config <x>.yaml --ckpt_path last --trainer.max_steps N`` after a run started with
+    ``--data.source <local file>``: the run's saved config.yaml is the base, not the file's hub source."""
+    config = write_config(workdir, max_steps=4)
+    config.write_text(config.read_text().replace(str(workdir / "stories.txt"), "roneneldan/TinyStories"))
+    run_cli("fit", "--config", str(config), "--data.source", "stories.txt", "--model.learning_rate", "0.002")
+    capsys.readouterr()
+    run_cli("fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "6")
+    run = workdir / "lightning_logs" / "run"
+    assert step_of(run / "checkpoints" / "last.ckpt") == 6
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["data"]["source"], saved["model"]["learning_rate"]) == ("stories.txt", 0.002)
+    assert saved["trainer"]["max_steps"] == 6
+    line = capsys.readouterr().err.splitlines()[0]
+    assert line == (
+        f"gptlit: run 'run' uses its saved lightning_logs/run/config.yaml ({config} names the run; its settings "
+        "are not read); changed on the command line: trainer.max_steps"
+    )
