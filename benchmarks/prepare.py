@@ -39,7 +39,7 @@ CHILD = """
 import json, re, sys, time
 import tqdm.auto
 from gptlit.prepare import ENCODE_BATCH_STORIES, prepare_dataset
-from gptlit.sources import clean, read_txt
+from gptlit.sources import DataOptions, clean, read_txt
 from gptlit.tokenizer import Tokenizer
 corpus, data_dir, tokenizer_path, order = sys.argv[1:5]
 Tokenizer.from_file(tokenizer_path).encode_batch(["Once upon a time."] * 64)
@@ -48,7 +48,7 @@ result = {"imports_kib": peak_kib()}
 
 def prepare():
     start = time.perf_counter()
-    meta = prepare_dataset(corpus, data_dir, vocab_size=None, tokenizer_path=tokenizer_path)
+    meta = prepare_dataset(DataOptions(corpus, vocab_size=None, tokenizer_path=tokenizer_path), data_dir)
     result["prepare_seconds"] = time.perf_counter() - start
     result["tokens"] = sum(split["tokens"] for split in meta["splits"].values())
     result["peak_kib"] = peak_kib()
@@ -85,9 +85,9 @@ def run_in_subprocess(corpus: Path, data_dir: Path, tokenizer_path: Path, order:
 
 def batch_fetch_ms(source: Path, data_dir: Path, tokenizer_path: Path, batches: int = 300) -> float:
     """Milliseconds per training batch (block 256, batch 32, no workers) from the DataModule's loader."""
-    from gptlit.data import TinyStoriesDataModule
+    from gptlit.data import TextDataModule
 
-    dm = TinyStoriesDataModule(
+    dm = TextDataModule(
         str(source), str(data_dir), vocab_size=None, tokenizer_path=str(tokenizer_path), block_size=256, batch_size=32
     )
     loader = dm.train_dataloader()

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gptlit.checkpoint import read_checkpoint
 from gptlit.checkpointing import AtomicCheckpointIO, BestCheckpoint, LastCheckpoint
-from gptlit.data import TinyStoriesDataModule
+from gptlit.data import TextDataModule
 from gptlit.errors import ConfigError, GptlitError, UsageError
 from gptlit.export import export
 from gptlit.lightning_private import KeepConfigOverCheckpoint
@@ -203,7 +203,7 @@ def _check_writable(directory: Path) -> None:
 def make_cli(args: list[str], run: bool = True) -> GPTLitCLI:
     return GPTLitCLI(
         GPTLitModule,
-        TinyStoriesDataModule,
+        TextDataModule,
         args=migrated_config_args(args),
         run=run,
         parser_class=GPTLitArgumentParser,
