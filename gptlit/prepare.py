@@ -194,11 +194,9 @@ def _choose_tokenizer(
     if tokenizer_path is not None:
         return Path(tokenizer_path), None, None
     path = data_dir / TOKENIZER_FILE
-    wanted = (
-        None
-        if vocab_size is None
-        else {"vocab_size": vocab_size, "tokenizer_train_stories": options.tokenizer_train_stories}
-    )
+    wanted = None  # the settings to train with, when it is to be trained
+    if vocab_size is not None:
+        wanted = {"vocab_size": vocab_size, "tokenizer_train_stories": options.tokenizer_train_stories}
     if not path.is_file():
         if wanted is None:
             raise DataError(f"vocab_size is None but {path} does not exist: give a vocab_size or a tokenizer_path")

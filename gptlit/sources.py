@@ -89,8 +89,8 @@ class StorySource:
     Args:
         name: The source as the user gave it, for messages.
         fingerprint: What identifies the content (local files with sizes and mtimes, or the hub id); JSON-able.
-        open_splits: Returns the training reader and the reader of the source's own validation split (None
-            when there is none to read; the training stories are then held out of).
+        open_splits: Returns the training reader and the reader of the validation split (None when there is
+            none to read: the validation stories are then held out of the training split).
         text_field: The field the texts come from, for messages.
     """
 
