@@ -183,6 +183,15 @@ def test_reading_options_that_do_not_fit_the_source(
     assert not (tmp_path / "data").exists() or not list((tmp_path / "data").iterdir())
 
 
+def test_a_repository_without_a_default_configuration_needs_one_named(tmp_path: Path, stories: list[str]) -> None:
+    repo = write_fineweb_like(tmp_path / "fineweb-edu", sample=stories[:200], other=stories[200:])
+    readme = (repo / "README.md").read_text().replace("config_name: default", "config_name: CC-MAIN-2024-10")
+    (repo / "README.md").write_text(readme)
+    message = r"fineweb-edu needs a configuration \(configurations: CC-MAIN-2024-10, sample-10BT\); set --data\.config"
+    with pytest.raises(DataError, match=message):
+        make_dm(tmp_path / "data", repo, val_split=None).prepare_data()
+
+
 def test_data_prepared_before_the_reading_options_stays_up_to_date(
     prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
