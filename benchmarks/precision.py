@@ -24,7 +24,7 @@ from common import machine, markdown_table, write_section
 from train import CORPUS, SHAPES
 
 from gptlit.config import GPTConfig
-from gptlit.data import TinyStoriesDataModule
+from gptlit.data import TextDataModule
 from gptlit.module import GPTLitModule
 
 
@@ -36,7 +36,7 @@ class LossLog(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def train(precision: str, steps: int, data: TinyStoriesDataModule, work: str) -> tuple[list[float], float, float]:
+def train(precision: str, steps: int, data: TextDataModule, work: str) -> tuple[list[float], float, float]:
     L.seed_everything(1337, verbose=False)
     module = GPTLitModule(GPTConfig(**SHAPES["tiny"], dropout=0.0), learning_rate=1e-3, min_lr=1e-4, warmup=0.05)
     log = LossLog()
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--no-readme", action="store_true")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="gptlit-precision-")
-    data = TinyStoriesDataModule(
+    data = TextDataModule(
         source=str(CORPUS), data_dir=f"{work}/data", vocab_size=4096, block_size=256, batch_size=args.batch_size
     )
     with contextlib.redirect_stdout(sys.stderr):

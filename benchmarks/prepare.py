@@ -1,13 +1,16 @@
 """Benchmark data preparation: throughput against plain ``Tokenizer.encode_batch``, peak memory, batch fetch time.
 
-    python benchmarks/prepare.py [CORPUS] [--vocab-size 8000] [--repeats 1 10 50] [--runs 3]
+    python benchmarks/prepare.py [CORPUS] [--vocab-size 8000] [--repeats 1 10 50] [--runs 3] [--layout repository]
 
 CORPUS defaults to the 2 MiB TinyStories sample beside the project (../shared/data/); it is also written 10x
 and 50x repeated into a temporary directory. A tokenizer is trained once beforehand (timed on its own) and
 passed by path, so the preparation timings cover reading + encoding + writing. Each preparation runs in a
 fresh subprocess, which reports its own peak RSS. Throughputs are the best of ``--runs`` runs, since other
 processes on a small machine only ever slow a run down. Prints a table and writes it into the
-"## Data preparation" section of benchmarks/README.md.
+"## Data preparation" section of benchmarks/README.md (with ``--layout repository``: "## Data preparation,
+repository"). ``--layout repository`` writes each repeated corpus as a FineWeb-Edu-like local repository
+instead (parquet shards of one configuration, declared in README.md) and prepares it by configuration name with
+``val_split`` null: the ``datasets`` streaming path a hub data set takes, with the same stories held out.
 """
 
 from __future__ import annotations
@@ -36,19 +39,23 @@ ORDERS = ("prepare-first", "plain-first")
 # memory, so runs alternate which pass goes first. Peak RSS is VmHWM after the preparation (in runs where it
 # goes first), not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec.
 CHILD = """
-import json, re, sys, time
+import dataclasses, json, re, sys, time
 import tqdm.auto
 from gptlit.prepare import ENCODE_BATCH_STORIES, prepare_dataset
-from gptlit.sources import clean, read_txt
+from gptlit.sources import DataOptions, clean, read_txt
 from gptlit.tokenizer import Tokenizer
-corpus, data_dir, tokenizer_path, order = sys.argv[1:5]
+corpus, source, config_name, data_dir, tokenizer_path, order = sys.argv[1:7]
+options = DataOptions(source, config_name=config_name or None, vocab_size=None, tokenizer_path=tokenizer_path)
+if config_name:  # a repository: read by datasets, imported before any clock starts
+    import datasets
+    options = dataclasses.replace(options, val_split=None)
 Tokenizer.from_file(tokenizer_path).encode_batch(["Once upon a time."] * 64)
 peak_kib = lambda: int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 result = {"imports_kib": peak_kib()}
 
 def prepare():
     start = time.perf_counter()
-    meta = prepare_dataset(corpus, data_dir, vocab_size=None, tokenizer_path=tokenizer_path)
+    meta = prepare_dataset(options, data_dir)
     result["prepare_seconds"] = time.perf_counter() - start
     result["tokens"] = sum(split["tokens"] for split in meta["splits"].values())
     result["peak_kib"] = peak_kib()
@@ -77,17 +84,49 @@ def repeat_corpus(corpus: Path, times: int, out_dir: Path) -> Path:
     return path
 
 
-def run_in_subprocess(corpus: Path, data_dir: Path, tokenizer_path: Path, order: str) -> dict:
-    command = [sys.executable, "-c", CHILD, str(corpus), str(data_dir), str(tokenizer_path), order]
+REPOSITORY_README = """---
+configs:
+- config_name: sample-10BT
+  data_files:
+  - split: train
+    path: sample/10BT/*
+---
+"""
+# Shards and row groups smaller than the 10x and 50x corpora, so that reading one at a time shows as flat memory.
+SHARD_STORIES, ROW_GROUP_STORIES = 50_000, 10_000
+
+
+def write_repository(corpus: Path, out_dir: Path) -> Path:
+    """``corpus``'s stories as a local repository laid out as FineWeb-Edu is (configuration ``sample-10BT``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gptlit.sources import clean, read_txt
+
+    repo = out_dir / f"{corpus.stem}-repository"
+    (repo / "sample" / "10BT").mkdir(parents=True)
+    (repo / "README.md").write_text(REPOSITORY_README, encoding="utf-8")
+    stories = list(clean(read_txt(corpus), str(corpus)))
+    for shard, start in enumerate(range(0, len(stories), SHARD_STORIES)):
+        table = pa.table({"text": stories[start : start + SHARD_STORIES]})
+        pq.write_table(table, repo / "sample" / "10BT" / f"{shard:03d}_00000.parquet", row_group_size=ROW_GROUP_STORIES)
+    return repo
+
+
+def run_in_subprocess(
+    corpus: Path, source: Path, config_name: str, data_dir: Path, tokenizer_path: Path, order: str
+) -> dict:
+    argv = (corpus, source, config_name, data_dir, tokenizer_path)
+    command = [sys.executable, "-c", CHILD, *map(str, argv), order]
     result = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def batch_fetch_ms(source: Path, data_dir: Path, tokenizer_path: Path, batches: int = 300) -> float:
     """Milliseconds per training batch (block 256, batch 32, no workers) from the DataModule's loader."""
-    from gptlit.data import TinyStoriesDataModule
+    from gptlit.data import TextDataModule
 
-    dm = TinyStoriesDataModule(
+    dm = TextDataModule(
         str(source), str(data_dir), vocab_size=None, tokenizer_path=str(tokenizer_path), block_size=256, batch_size=32
     )
     loader = dm.train_dataloader()
@@ -110,6 +149,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, nargs="+", default=[1, 10, 50])
     parser.add_argument("--runs", type=int, default=4, help="runs per measurement; the best is reported")
     parser.add_argument("--no-readme", action="store_true", help="print only; leave benchmarks/README.md alone")
+    parser.add_argument("--layout", choices=["txt", "repository"], default="txt", help="what each corpus is written as")
     args = parser.parse_args()
 
     from gptlit.sources import clean, read_txt
@@ -125,8 +165,13 @@ def main() -> None:
         tokenizer.save(tokenizer_path)
         for times in args.repeats:
             corpus = repeat_corpus(args.corpus, times, tmp)
+            source, config_name = corpus, ""
+            if args.layout == "repository":
+                source, config_name = write_repository(corpus, tmp), "sample-10BT"
             runs = [
-                run_in_subprocess(corpus, tmp / f"data-x{times}-{i}", tokenizer_path, ORDERS[i % 2])
+                run_in_subprocess(
+                    corpus, source, config_name, tmp / f"data-x{times}-{i}", tokenizer_path, ORDERS[i % 2]
+                )
                 for i in range(args.runs)
             ]
             tokens = runs[0]["tokens"]
@@ -148,6 +193,7 @@ def main() -> None:
         largest = max(args.repeats)
         fetch_ms = batch_fetch_ms(args.corpus, tmp / f"data-x{largest}-0", tokenizer_path)
 
+    repository = args.layout == "repository"
     reference = next((r for r in rows if r["times"] == 10), rows[0])
     lines = [
         "| corpus | MiB | tokens | plain encode tok/s | preparation tok/s | prep / plain | peak RSS MiB | RSS / 10x |",
@@ -160,8 +206,14 @@ def main() -> None:
         )
     section = "\n".join(
         [
-            f"`python benchmarks/prepare.py` on {date.today().isoformat()}; {machine()}.",
+            f"`python benchmarks/prepare.py{' --layout repository' if repository else ''}` on "
+            f"{date.today().isoformat()}; {machine()}.",
             f"Corpus: `{args.corpus.name}`, and it repeated; tokenizer: {tokenizer.vocab_size} tokens.",
+            *(
+                ["Each written as a local repository of parquet shards, read by configuration name."]
+                if repository
+                else []
+            ),
             "",
             *lines,
             "",
@@ -177,7 +229,7 @@ def main() -> None:
     )
     print(section)
     if not args.no_readme:
-        write_section("Data preparation", section)
+        write_section("Data preparation, repository" if repository else "Data preparation", section)
 
 
 if __name__ == "__main__":

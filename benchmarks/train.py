@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from common import interleaved, machine, markdown_table, matmul_peak, write_section
 
 from gptlit.config import GPTConfig
-from gptlit.data import TinyStoriesDataModule
+from gptlit.data import TextDataModule
 from gptlit.hf_mapping import ARCHITECTURES, hf_config_dict, hf_model_type
 from gptlit.model import GPT
 from gptlit.module import GPTLitModule
@@ -170,9 +170,7 @@ class StepClock(L.Callback):
         self.ends.append(time.perf_counter())
 
 
-def trainer_loop(
-    module: GPTLitModule, data: TinyStoriesDataModule, bf16: bool, steps: int, log_dir: str, device: str = "cpu"
-):
+def trainer_loop(module: GPTLitModule, data: TextDataModule, bf16: bool, steps: int, log_dir: str, device: str = "cpu"):
     """`gptlit fit` without the CLI: the Trainer, GPTLitModule's step and logging, the data module's loader."""
 
     def run() -> float:
@@ -219,7 +217,7 @@ def main() -> None:
     peer = f"transformers {ARCHITECTURES[hf_model_type(config)].removesuffix('ForCausalLM')}"
 
     work = tempfile.mkdtemp(prefix="gptlit-bench-")
-    data = TinyStoriesDataModule(
+    data = TextDataModule(
         source=str(CORPUS),
         data_dir=f"{work}/data",
         vocab_size=shape["vocab_size"],

@@ -27,17 +27,19 @@ _PUBLIC = {
     "Tokenizer": "gptlit.tokenizer",
     "NgramTable": "gptlit.draft",
     "GPTLitModule": "gptlit.module",
-    "TinyStoriesDataModule": "gptlit.data",
+    "TextDataModule": "gptlit.data",
     "load_model": "gptlit.runs",
     "cli_main": "gptlit.cli",
 }
 __all__ = ["GPTConfig", *_PUBLIC]
+_EARLIER_NAMES = {"TinyStoriesDataModule": "gptlit.data"}  # still importable: another name of a public class
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _PUBLIC:
+    module = _PUBLIC.get(name) or _EARLIER_NAMES.get(name)
+    if module is None:
         raise AttributeError(f"module 'gptlit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # the next access finds it directly
     return value
 

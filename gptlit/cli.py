@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gptlit.checkpoint import read_checkpoint
 from gptlit.checkpointing import AtomicCheckpointIO, BestCheckpoint, LastCheckpoint
-from gptlit.data import TinyStoriesDataModule
+from gptlit.data import TextDataModule
 from gptlit.errors import ConfigError, GptlitError, UsageError
 from gptlit.export import export
 from gptlit.help import CKPT_PATH_HELP, NOT_COMMANDS, overview, program, where_lines
@@ -268,7 +268,7 @@ def _check_writable(directory: Path) -> None:
 def make_cli(args: list[str], run: bool = True) -> GPTLitCLI:
     return GPTLitCLI(
         GPTLitModule,
-        TinyStoriesDataModule,
+        TextDataModule,
         args=migrated_config_args(args),
         run=run,
         parser_class=GPTLitArgumentParser,

@@ -1,4 +1,4 @@
-"""TinyStoriesDataModule: prepared token files served as shuffled, resumable windows of ``block_size + 1`` tokens.
+"""TextDataModule: prepared token files served as shuffled, resumable windows of ``block_size + 1`` tokens.
 
 Preparation (corpus -> tokenizer and token files) lives in :mod:`gptlit.prepare`, reading sources in
 :mod:`gptlit.sources`; this file holds what training touches: the window dataset, the sampler, the resumable
@@ -19,10 +19,20 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gptlit.errors import DataError
 from gptlit.prepare import prepare_dataset
+from gptlit.sources import DataOptions
 from gptlit.store import META_FILE, TOKENIZER_FILE, check_bin, offsets_path, read_meta, redo_hint, token_dtype
 from gptlit.tokenizer import Tokenizer
 
-__all__ = ["DataError", "ResumableDataLoader", "TinyStoriesDataModule", "TokenWindows", "WindowSampler", "token_dtype"]
+__all__ = [
+    "DataError",
+    "DataOptions",
+    "ResumableDataLoader",
+    "TextDataModule",
+    "TinyStoriesDataModule",
+    "TokenWindows",
+    "WindowSampler",
+    "token_dtype",
+]
 
 # The check on setup reads at most this many pieces of each split: all of a small file, spaced ones of a big one.
 ID_CHECK_CHUNKS = 64
@@ -170,8 +180,8 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
 
-class TinyStoriesDataModule(L.LightningDataModule):
-    """TinyStories (or any corpus of short texts) as windows of tokens for next-token prediction.
+class TextDataModule(L.LightningDataModule):
+    """A corpus of texts (TinyStories by default) as windows of tokens for next-token prediction.
 
     ``prepare_data`` turns the source into ``data_dir`` (tokenizer.json, train.bin, val.bin, meta.json) once;
     later runs with the same settings find it up to date. Batches are ``(x, y)``, int64 ``(batch_size,
@@ -179,20 +189,27 @@ class TinyStoriesDataModule(L.LightningDataModule):
 
     Args:
         source: A Hugging Face Hub dataset id, or local data: a ``.txt`` in the official TinyStories layout
-            (stories separated by a line ``<|endoftext|>``), ``.jsonl``/``.json`` with a ``text`` field,
-            ``.parquet``, a directory of such files, or a glob.
+            (stories separated by a line ``<|endoftext|>``), ``.jsonl``/``.json`` or ``.parquet`` records,
+            a directory of such files (one laid out as a hub repository keeps its splits and configurations),
+            or a glob.
         data_dir: Where the tokenizer and token files are written and read.
         vocab_size: Tokenizer size to train, and the vocabulary size the model is built with. None: take it
             from the existing tokenizer (``tokenizer_path``, else ``data_dir/tokenizer.json``).
         tokenizer_path: Use this tokenizer.json instead of training one.
         tokenizer_train_stories: Train the tokenizer on the first this many training stories (None: all).
-        val_fraction: Share of stories held out for validation (at least one) when the source has no
-            validation split of its own; which stories is fixed by ``seed``.
+        val_fraction: Share of the training split's stories held out for validation (at least one) when no
+            validation split is read; which stories is fixed by ``seed``.
         block_size: Tokens per training example (the model's context length).
         batch_size: Examples per batch, per device.
         num_workers: DataLoader worker processes (0: load in the main process).
         seed: Seeds the held-out split and the per-epoch shuffling of training windows.
         align_to_stories: Start training windows at story starts instead of every ``block_size`` tokens.
+        config_name: The configuration of a hub data set (or of a local repository whose README.md
+            declares ``configs:``), e.g. ``sample-10BT`` of ``HuggingFaceFW/fineweb-edu``; null: its default.
+        text_field: The field of each ``.json``/``.jsonl``/``.parquet`` record (hub column) holding the text.
+        train_split: The source's split to train on (local files have the one split ``train``).
+        val_split: The source's split to validate on; null: hold ``val_fraction`` of the training split out,
+            as is done for a local source that has no ``validation`` split.
     """
 
     def __init__(
@@ -208,19 +225,31 @@ class TinyStoriesDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 1337,
         align_to_stories: bool = False,
+        config_name: str | None = None,
+        text_field: str = "text",
+        train_split: str = "train",
+        val_split: str | None = "validation",
     ) -> None:
         super().__init__()
         # Only the first process of the whole job prepares data_dir, then all ranks read it: on a cluster data_dir
         # lies on a file system every node sees, and two nodes preparing it at once would race for its files.
         self.prepare_data_per_node = False
-        if not 0.0 < val_fraction < 1.0:
-            raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+        self.options = DataOptions(
+            source=source,
+            config_name=config_name,
+            text_field=text_field,
+            train_split=train_split,
+            val_split=val_split,
+            val_fraction=val_fraction,
+            seed=seed,
+            vocab_size=vocab_size,
+            tokenizer_path=tokenizer_path,
+            tokenizer_train_stories=tokenizer_train_stories,
+        )
         for name, value in (("block_size", block_size), ("batch_size", batch_size)):
             if value < 1:
                 raise DataError(f"{name} must be a positive integer, got {value}")
-        self.source, self.data_dir = source, data_dir
-        self._vocab_size, self.tokenizer_path = vocab_size, tokenizer_path
-        self.tokenizer_train_stories, self.val_fraction, self.seed = tokenizer_train_stories, val_fraction, seed
+        self.data_dir, self.seed = data_dir, seed
         self.block_size, self.batch_size, self.num_workers = block_size, batch_size, num_workers
         self.align_to_stories = align_to_stories
         self._tokenizer: Tokenizer | None = None
@@ -233,13 +262,14 @@ class TinyStoriesDataModule(L.LightningDataModule):
 
     @property
     def tokenizer_file(self) -> Path:
-        return Path(self.tokenizer_path) if self.tokenizer_path else Path(self.data_dir) / TOKENIZER_FILE
+        path = self.options.tokenizer_path
+        return Path(path) if path else Path(self.data_dir) / TOKENIZER_FILE
 
     @property
     def vocab_size(self) -> int:
         """The vocabulary size to build the model with: the configured one (the tokenizer may have fewer)."""
-        if self._vocab_size is not None:
-            return self._vocab_size
+        if self.options.vocab_size is not None:
+            return self.options.vocab_size
         if not self.tokenizer_file.is_file():
             raise DataError(
                 f"vocab_size is None, so it comes from {self.tokenizer_file}, which does not exist: "
@@ -271,15 +301,7 @@ class TinyStoriesDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Write ``data_dir`` from ``source`` unless it is up to date; also works without a Trainer."""
-        prepare_dataset(
-            self.source,
-            self.data_dir,
-            vocab_size=self._vocab_size,
-            tokenizer_path=self.tokenizer_path,
-            tokenizer_train_stories=self.tokenizer_train_stories,
-            val_fraction=self.val_fraction,
-            seed=self.seed,
-        )
+        prepare_dataset(self.options, self.data_dir)
         self._tokenizer = self._meta = None  # re-read what was just written
 
     def setup(self, stage: str | None = None) -> None:
@@ -357,7 +379,7 @@ class TinyStoriesDataModule(L.LightningDataModule):
         return DataLoader(self._datasets["val"], shuffle=False, **self._loader_kwargs())
 
     def test_dataloader(self) -> DataLoader:
-        """The validation split: TinyStories publishes no separate test split."""
+        """The validation split: gptlit prepares no separate test split."""
         return self.val_dataloader()
 
     # The training loader's position also travels in the DataModule's own checkpoint entry, restored before
@@ -369,3 +391,6 @@ class TinyStoriesDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_loader_state = state_dict.get("train_loader")
+
+
+TinyStoriesDataModule = TextDataModule  # its earlier name, for code written against gptlit 0.2.0

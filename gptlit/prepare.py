@@ -31,7 +31,7 @@ import numpy as np
 
 from gptlit.errors import DataError
 from gptlit.locks import lock_directory
-from gptlit.sources import StorySource, open_source
+from gptlit.sources import DataOptions, StorySource, open_source
 from gptlit.store import (
     CHECKSUM_CHUNK_BYTES,
     FORMAT_VERSION,
@@ -193,23 +193,20 @@ def _say(message: str) -> None:
 
 
 def _choose_tokenizer(
-    data_dir: Path,
-    tokenizer_path: str | None,
-    vocab_size: int | None,
-    tokenizer_train_stories: int | None,
-    old_meta: dict[str, Any] | None,
+    data_dir: Path, options: DataOptions, old_meta: dict[str, Any] | None
 ) -> tuple[Path, dict[str, Any] | None, str | None]:
     """Decide which tokenizer to use: ``(file, trained_with, why it must be (re)trained or None to reuse it)``.
 
     ``trained_with`` records the settings gptlit trained ``data_dir/tokenizer.json`` with (None for a tokenizer
     the user supplied), so that a changed ``vocab_size`` retrains it instead of silently reusing the old one.
     """
+    tokenizer_path, vocab_size = options.tokenizer_path, options.vocab_size
     if tokenizer_path is not None:
         return Path(tokenizer_path), None, None
     path = data_dir / TOKENIZER_FILE
-    wanted = (
-        None if vocab_size is None else {"vocab_size": vocab_size, "tokenizer_train_stories": tokenizer_train_stories}
-    )
+    wanted = None  # the settings to train with, when it is to be trained
+    if vocab_size is not None:
+        wanted = {"vocab_size": vocab_size, "tokenizer_train_stories": options.tokenizer_train_stories}
     if not path.is_file():
         if wanted is None:
             raise DataError(f"vocab_size is None but {path} does not exist: give a vocab_size or a tokenizer_path")
@@ -237,8 +234,9 @@ def _changed_settings(old_meta: dict[str, Any] | None, settings: dict[str, Any])
     if old_meta is None:
         return "everything"
     old = old_meta["settings"]
+    keys = [*settings, *(k for k in old if k not in settings)]  # a reading option back at its default is absent
     # A source with its own validation split was recorded with hold_out None: val_fraction and seed don't matter.
-    changed = [k for k, v in settings.items() if old.get(k) != v and not (k == "hold_out" and old.get(k) is None)]
+    changed = [k for k in keys if old.get(k) != settings.get(k) and not (k == "hold_out" and old.get(k) is None)]
     return ", ".join(changed)
 
 
@@ -246,36 +244,22 @@ def _changed_settings(old_meta: dict[str, Any] | None, settings: dict[str, Any])
 class Plan:
     """What a preparation of ``data_dir`` will do, decided before anything is written."""
 
-    source: str
+    options: DataOptions
     stories: StorySource
     data_dir: Path
     tokenizer_file: Path
     tokenizer: Tokenizer | None  # None: train one, on the first tokenizer_train_stories training stories
     settings: dict[str, Any]  # recorded in meta.json; a later preparation compares its own with them
     reason: str  # why it prepares, for the user
-    vocab_size: int | None
-    tokenizer_train_stories: int | None
-    val_fraction: float
-    seed: int
 
 
-def prepare_dataset(
-    source: str,
-    data_dir: str | Path,
-    vocab_size: int | None = 8000,
-    tokenizer_path: str | None = None,
-    tokenizer_train_stories: int | None = 100_000,
-    val_fraction: float = 0.01,
-    seed: int = 1337,
-) -> dict[str, Any]:
-    """Turn ``source`` into a prepared ``data_dir`` (see the module docstring); returns its meta.json contents.
+def prepare_dataset(options: DataOptions, data_dir: str | Path) -> dict[str, Any]:
+    """Turn ``options.source`` into a prepared ``data_dir`` (see the module docstring); returns its meta.json.
 
-    Does nothing when ``data_dir`` already holds a complete set prepared with the same settings. The arguments
-    mean what they mean on :class:`gptlit.data.TinyStoriesDataModule`.
+    Does nothing when ``data_dir`` already holds a complete set prepared with the same settings.
     """
     data_dir = Path(data_dir)
-    settings = (source, data_dir, vocab_size, tokenizer_path, tokenizer_train_stories, val_fraction, seed)
-    plan, meta = plan_preparation(*settings)  # a prepared directory is read, never locked: it may be read-only
+    plan, meta = plan_preparation(options, data_dir)  # a prepared directory is read, never locked: it may be read-only
     if plan is not None:
         try:
             data_dir.mkdir(parents=True, exist_ok=True)  # kept, like the files, when preparing fails
@@ -283,33 +267,24 @@ def prepare_dataset(
         except OSError as err:
             raise _unwritable(data_dir, err) from err
         with lock:
-            plan, meta = plan_preparation(*settings)  # again: another process may have prepared it meanwhile
+            plan, meta = plan_preparation(options, data_dir)  # again: another process may have prepared it meanwhile
             if plan is not None:
                 return carry_out(plan)
     _say(f"{data_dir} is up to date (same source, tokenizer and split settings); nothing to do")
     return meta
 
 
-def plan_preparation(
-    source: str,
-    data_dir: Path,
-    vocab_size: int | None,
-    tokenizer_path: str | None,
-    tokenizer_train_stories: int | None,
-    val_fraction: float,
-    seed: int,
-) -> tuple[Plan | None, dict[str, Any]]:
+def plan_preparation(options: DataOptions, data_dir: Path) -> tuple[Plan | None, dict[str, Any]]:
     """Decide what to do: ``(None, the existing meta)`` when ``data_dir`` is up to date, else ``(plan, {})``."""
-    stories: StorySource = open_source(source)  # resolved, not yet opened: no network, no datasets
+    stories: StorySource = open_source(options)  # resolved, not yet opened: no network, no datasets
     old_meta = _previous_set(data_dir)
-    tokenizer_file, trained_with, train_reason = _choose_tokenizer(
-        data_dir, tokenizer_path, vocab_size, tokenizer_train_stories, old_meta
-    )
+    tokenizer_file, trained_with, train_reason = _choose_tokenizer(data_dir, options, old_meta)
     tokenizer = None if train_reason else Tokenizer.from_file(tokenizer_file)
     settings: dict[str, Any] = {
-        "source": source,
+        "source": options.source,
         "source_fingerprint": stories.fingerprint,
-        "hold_out": {"val_fraction": val_fraction, "seed": seed},
+        **options.reading(),  # none at their defaults: meta.json as an earlier gptlit wrote it
+        "hold_out": {"val_fraction": options.val_fraction, "seed": options.seed},
         "tokenizer_sha256": tokenizer.sha256 if tokenizer else None,
         "tokenizer_trained_with": trained_with,
     }
@@ -321,42 +296,38 @@ def plan_preparation(
         settings["hold_out"] = None  # only a source without a validation split is split by val_fraction and seed
     reason = train_reason or ("no complete earlier preparation" if old_meta is None else f"{changed} changed")
     plan = Plan(
-        source=source,
+        options=options,
         stories=stories,
         data_dir=data_dir,
         tokenizer_file=tokenizer_file,
         tokenizer=tokenizer,
         settings=settings,
         reason=reason,
-        vocab_size=vocab_size,
-        tokenizer_train_stories=tokenizer_train_stories,
-        val_fraction=val_fraction,
-        seed=seed,
     )
     return plan, {}
 
 
 def carry_out(plan: Plan) -> dict[str, Any]:
     """Write the set ``plan`` describes into its directory, atomically (see the module docstring); its meta."""
-    data_dir = plan.data_dir
-    _say(f"preparing {data_dir} from {plan.source} ({plan.reason})")
+    data_dir, options = plan.data_dir, plan.options
+    _say(f"preparing {data_dir} from {options.source} ({plan.reason})")
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise _unwritable(data_dir, err) from err
     try:
         tokenizer = plan.tokenizer or _train_tokenizer(plan)
-        if plan.vocab_size is not None and tokenizer.vocab_size > plan.vocab_size:
+        if options.vocab_size is not None and tokenizer.vocab_size > options.vocab_size:
             raise DataError(
-                f"{plan.tokenizer_file} has {tokenizer.vocab_size} tokens, more than vocab_size={plan.vocab_size}: "
+                f"{plan.tokenizer_file} has {tokenizer.vocab_size} tokens, more than vocab_size={options.vocab_size}: "
                 "raise vocab_size or use another tokenizer"
             )
         dtype = token_dtype(tokenizer.vocab_size)
-        counts = write_bins(plan.stories.stories(plan.val_fraction, plan.seed), tokenizer, data_dir, dtype)
+        counts = write_bins(plan.stories.stories(options.val_fraction, options.seed), tokenizer, data_dir, dtype)
         for split in SPLITS:
             if counts[split]["stories"] == 0:
                 raise DataError(
-                    f"{plan.source}: no {split} stories (the source is empty after dropping blank stories); "
+                    f"{options.source}: no {split} stories (the source is empty after dropping blank stories); "
                     "point --data.source at a corpus of at least two stories"
                 )
         meta = {
@@ -382,11 +353,12 @@ def carry_out(plan: Plan) -> dict[str, Any]:
 
 def _train_tokenizer(plan: Plan) -> Tokenizer:
     """Train the plan's tokenizer on its first training stories and write it, as a temporary, into the set."""
-    n = "all" if plan.tokenizer_train_stories is None else f"the first {plan.tokenizer_train_stories:,}"
-    _say(f"training a {plan.vocab_size}-token tokenizer on {n} training stories")
-    texts = (text for split, text in plan.stories.stories(plan.val_fraction, plan.seed) if split == "train")
-    assert plan.vocab_size is not None  # _choose_tokenizer trains one only for a given size
-    tokenizer = train_tokenizer(islice(texts, plan.tokenizer_train_stories), plan.vocab_size)
+    options = plan.options
+    n = "all" if options.tokenizer_train_stories is None else f"the first {options.tokenizer_train_stories:,}"
+    _say(f"training a {options.vocab_size}-token tokenizer on {n} training stories")
+    texts = (text for split, text in plan.stories.stories(options.val_fraction, options.seed) if split == "train")
+    assert options.vocab_size is not None  # _choose_tokenizer trains one only for a given size
+    tokenizer = train_tokenizer(islice(texts, options.tokenizer_train_stories), options.vocab_size)
     try:
         tokenizer.save(plan.data_dir / (TOKENIZER_FILE + TMP_SUFFIX))
     except Exception as err:  # tokenizers reports a failed write as a bare Exception

@@ -1,13 +1,16 @@
 """Where stories come from: a Hugging Face Hub id or local files, read as streams of cleaned story strings.
 
 Supported sources:
-    a hub id such as ``roneneldan/TinyStories`` (its ``train`` and ``validation`` splits, column ``text``);
+    a hub id such as ``roneneldan/TinyStories`` or ``HuggingFaceFW/fineweb-edu`` (with ``config_name``
+    ``sample-10BT``): the splits ``train_split`` and ``val_split`` of the configuration ``config_name``;
     a ``.txt`` file in the official TinyStories layout (stories separated by a line ``<|endoftext|>``);
-    a ``.json``/``.jsonl`` file with a ``text`` field, or a ``.parquet`` file with a ``text`` column;
+    a ``.json``/``.jsonl`` file, or a ``.parquet`` file, with the stories in the field ``text_field``;
     a glob of such files, or a directory of them.
 A directory laid out like a hub repository (``data/train-*.parquet``, ``data/validation-*.parquet``, or
-``*-train.txt``/``*-valid.txt``) keeps its own splits, found by ``datasets``' own file-name conventions; every
-other local source has its validation stories held out by :func:`hold_out`.
+``*-train.txt``/``*-valid.txt``, or a README.md whose front matter declares ``configs:``) is read as a hub id
+is, with its own splits; every other local source has the one split ``train``. With ``val_split`` None, or
+for a local source without the split ``val_split`` names, the validation stories are held out of the training
+split by :func:`hold_out`. :class:`DataOptions` holds these options, and those of the tokenizer, checked once.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,6 +38,45 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 Reader = Callable[[], Iterable[Any]]  # each call starts a fresh pass over raw texts
+# The options that choose which texts are read; meta.json records those that differ from their defaults.
+READING_OPTIONS = ("config_name", "text_field", "train_split", "val_split")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """What a data directory is prepared from, and how: the ``data.*`` options preparation reads, checked once.
+
+    The data module builds it from its own arguments and passes it to :func:`gptlit.prepare.prepare_dataset`;
+    each option means what it means on :class:`gptlit.data.TextDataModule`, whose Args document them all.
+    """
+
+    source: str = "roneneldan/TinyStories"
+    config_name: str | None = None
+    text_field: str = "text"
+    train_split: str = "train"
+    val_split: str | None = "validation"
+    val_fraction: float = 0.01
+    seed: int = 1337
+    vocab_size: int | None = 8000
+    tokenizer_path: str | None = None
+    tokenizer_train_stories: int | None = 100_000
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
+        for name in ("source", "config_name", "text_field", "train_split", "val_split"):
+            if getattr(self, name) == "":
+                raise DataError(f"{name} is empty; give a name (see --help for its default)")
+        if self.val_split == self.train_split:
+            raise DataError(
+                f"train_split and val_split are both '{self.train_split}': name another split for validation, "
+                "or set --data.val_split null to hold val_fraction of it out"
+            )
+
+    def reading(self) -> dict[str, Any]:
+        """The reading options that differ from their defaults (an earlier gptlit's meta.json records none)."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return {name: getattr(self, name) for name in READING_OPTIONS if getattr(self, name) != defaults[name]}
 
 
 @dataclass
@@ -47,13 +89,15 @@ class StorySource:
     Args:
         name: The source as the user gave it, for messages.
         fingerprint: What identifies the content (local files with sizes and mtimes, or the hub id); JSON-able.
-        open_splits: Returns the training reader and the reader of the source's own validation split (None
-            when it has none; the training reader then reads the whole corpus).
+        open_splits: Returns the training reader and the reader of the validation split (None when there is
+            none to read: the validation stories are then held out of the training split).
+        text_field: The field the texts come from, for messages.
     """
 
     name: str
     fingerprint: list[Any]
     open_splits: Callable[[], tuple[Reader, Reader | None]]
+    text_field: str = "text"
     _splits: tuple[Reader, Reader | None] | None = field(default=None, init=False, repr=False)
 
     def splits(self) -> tuple[Reader, Reader | None]:
@@ -69,14 +113,14 @@ class StorySource:
         """``(split, story)`` pairs with split ``"train"`` or ``"val"``: stripped, blank stories dropped."""
         read_train, read_val = self.splits()
         if read_val is None:
-            yield from hold_out(clean(read_train(), self.name), val_fraction, seed)
+            yield from hold_out(clean(read_train(), self.name, self.text_field), val_fraction, seed)
             return
         for split, read in (("train", read_train), ("val", read_val)):
-            for text in clean(read(), self.name):
+            for text in clean(read(), self.name, self.text_field):
                 yield split, text
 
 
-def clean(texts: Iterable[Any], name: str) -> Iterator[str]:
+def clean(texts: Iterable[Any], name: str, text_field: str = "text") -> Iterator[str]:
     """Strip surrounding whitespace and drop blank stories; Unicode is kept as it is.
 
     Mojibake such as ``â€™`` for ``’`` is left alone: no story in the 2 MiB TinyStories sample has any, and
@@ -86,7 +130,7 @@ def clean(texts: Iterable[Any], name: str) -> Iterator[str]:
         if text is None:
             continue
         if not isinstance(text, str):
-            raise DataError(f"{name}: a 'text' value is {type(text).__name__}, not a string")
+            raise DataError(f"{name}: a '{text_field}' value is {type(text).__name__}, not a string")
         text = text.strip()
         if text:
             yield text
@@ -137,15 +181,18 @@ def read_txt(path: Path) -> Iterator[str]:
     yield "".join(lines)  # the last story may have no separator after it
 
 
-def read_records(dataset: Any, name: str) -> Iterator[Any]:
-    """The ``text`` field of a ``datasets`` (streaming) dataset, fetched in batches (much faster than rows)."""
+def read_records(dataset: Any, name: str, text_field: str = "text") -> Iterator[Any]:
+    """The ``text_field`` of a ``datasets`` (streaming) dataset, fetched in batches (much faster than rows)."""
     for batch in dataset.iter(batch_size=1024):
-        if "text" not in batch:
-            raise DataError(f"{name}: records have no 'text' field (fields: {', '.join(batch) or 'none'})")
-        yield from batch["text"]
+        if text_field not in batch:
+            raise DataError(
+                f"{name}: records have no '{text_field}' field (fields: {', '.join(batch) or 'none'}); "
+                "set --data.text_field to the one that holds the text"
+            )
+        yield from batch[text_field]
 
 
-def read_file(path: Path) -> Iterator[Any]:
+def read_file(path: Path, text_field: str = "text") -> Iterator[Any]:
     suffix = path.suffix.lower()
     if suffix not in BUILDERS:
         raise DataError(f"{path}: unsupported file type; use .txt, .json, .jsonl or .parquet")
@@ -156,60 +203,116 @@ def read_file(path: Path) -> Iterator[Any]:
 
     try:
         dataset = datasets.load_dataset(BUILDERS[suffix], data_files=[str(path)], split="train", streaming=True)
-        yield from read_records(dataset, str(path))
+        yield from read_records(dataset, str(path), text_field)
     except DataError:
         raise
     except Exception as err:  # datasets and pyarrow raise many types for a malformed file
         raise DataError(f"{path}: cannot read it as {suffix} ({type(err).__name__}: {err})") from err
 
 
-def _files_source(name: str, train: list[Path], val: list[Path] | None = None) -> StorySource:
-    def reader(files: list[Path]) -> Reader:
-        return lambda: (text for path in files for text in read_file(path))
+def _files_source(name: str, splits: dict[str, list[Path]], options: DataOptions) -> StorySource:
+    """Local files read by gptlit itself, ``splits`` by name (``train``, and ``validation`` when they have one)."""
+    files = [path for paths in splits.values() for path in paths]
+    if options.config_name is not None:
+        raise DataError(
+            f"{name}: --data.config_name applies to a hub data set or a directory whose README.md declares "
+            "configs; leave it null for these files"
+        )
+    if options.text_field != "text" and all(p.suffix.lower() == ".txt" for p in files):
+        raise DataError(f"{name}: .txt stories have no fields; --data.text_field applies to .json, .jsonl, .parquet")
 
-    splits = (reader(train), reader(val) if val else None)
-    return StorySource(name, _fingerprint(train + (val or [])), lambda: splits)
+    def reader(files: list[Path]) -> Reader:
+        return lambda: (text for path in files for text in read_file(path, options.text_field))
+
+    readers = {split: reader(paths) for split, paths in splits.items()}
+    return StorySource(
+        name, _fingerprint(files), lambda: pick_splits(name, readers, options, local=True), options.text_field
+    )
 
 
 def _fingerprint(files: list[Path]) -> list[Any]:
     return [[str(p.resolve()), (st := p.stat()).st_size, st.st_mtime_ns] for p in files]
 
 
-def _load_splits(path: str, name: str) -> tuple[Reader, Reader | None]:
-    """A hub id or a local directory, read with ``datasets.load_dataset``: the same code path for both."""
+def pick_splits(
+    name: str, splits: Mapping[str, Reader], options: DataOptions, local: bool
+) -> tuple[Reader, Reader | None]:
+    """The readers of ``options.train_split`` and ``options.val_split`` among a source's ``splits``.
+
+    The validation reader is None, to hold stories out of the training split, when ``val_split`` is None, or
+    when a ``local`` source lacks the default ``validation`` split (most local corpora have no splits). A hub
+    data set without it is refused instead: holding out is then a choice the user makes.
+    """
+    train, val = options.train_split, options.val_split
+    found = ", ".join(f"'{split}'" for split in splits)
+    if train not in splits:
+        raise DataError(f"{name}: no split '{train}' (splits: {found}); set --data.train_split to one of them")
+    if val is None or (val not in splits and local and val == DataOptions.val_split):
+        return splits[train], None
+    if val not in splits:
+        raise DataError(
+            f"{name}: no split '{val}' (splits: {found}); set --data.val_split to one of them, or to null to "
+            f"hold --data.val_fraction of '{train}' out"
+        )
+    return splits[train], splits[val]
+
+
+def _load_splits(path: str, name: str, options: DataOptions, local: bool) -> tuple[Reader, Reader | None]:
+    """A hub id or a local directory, read with ``datasets.load_dataset``: the same code path for both.
+
+    Streaming: nothing is downloaded or loaded whole; each reader starts a fresh pass over its split.
+    """
     import datasets
 
-    splits = datasets.load_dataset(path, streaming=True)
-    if "train" not in splits:
-        raise DataError(f"{name}: no 'train' split (found: {', '.join(splits)})")
-    val = splits.get("validation")
-    return (
-        lambda: read_records(splits["train"], f"{name} (train)"),
-        (lambda: read_records(val, f"{name} (validation)")) if val is not None else None,
-    )
+    try:
+        splits = datasets.load_dataset(path, options.config_name, streaming=True)
+    except ValueError as err:  # also datasets' answer to a configuration it does not know, or a missing one
+        _check_config_name(path, name, options.config_name, err)
+        raise
+
+    def reader(split: str) -> Reader:
+        return lambda: read_records(splits[split], f"{name} ({split})", options.text_field)
+
+    return pick_splits(name, {split: reader(split) for split in splits}, options, local)
+
+
+def _check_config_name(path: str, name: str, config_name: str | None, err: ValueError) -> None:
+    """Raise a one-line DataError when ``err`` comes from a ``config_name`` that ``path`` does not have."""
+    import datasets
+
+    try:
+        names = datasets.get_dataset_config_names(path)
+    except Exception:  # the original error says more than this one would
+        return
+    if config_name in names or (config_name is None and ("default" in names or len(names) <= 1)):
+        return  # not a configuration that is missing or unknown
+    found = ", ".join(names)
+    wanted = "needs a configuration" if config_name is None else f"has no configuration '{config_name}'"
+    raise DataError(f"{name} {wanted} (configurations: {found}); set --data.config_name to one of them") from err
 
 
 # Choosing a source -----------------------------------------------------------------------------------
 
 
-def open_source(source: str) -> StorySource:
-    """Resolve ``source`` (a path, a glob, a directory or a hub id) to a :class:`StorySource`."""
+def open_source(options: DataOptions) -> StorySource:
+    """Resolve ``options.source`` (a path, a glob, a directory or a hub id) to a :class:`StorySource`."""
+    source = options.source
     path = Path(source).expanduser()
     if glob.has_magic(source):
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
             raise DataError(f"{source}: no files match this pattern")
-        return _files_source(source, files)
+        return _files_source(source, {"train": files}, options)
     if path.is_file():
-        return _files_source(source, [path])
+        return _files_source(source, {"train": [path]}, options)
     if path.is_dir():
-        return _directory_source(source, path)
+        return _directory_source(source, path, options)
     if path.suffix.lower() in BUILDERS or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source):
         raise DataError(f"{source}: no such file or directory; check --data.source")
-    return _hub_source(source)
+    return _hub_source(source, options)
 
 
-def _directory_source(source: str, path: Path) -> StorySource:
+def _directory_source(source: str, path: Path, options: DataOptions) -> StorySource:
     files = sorted(
         p
         for p in path.rglob("*")
@@ -224,13 +327,13 @@ def _directory_source(source: str, path: Path) -> StorySource:
 
         def open_splits() -> tuple[Reader, Reader | None]:
             try:
-                return _load_splits(str(path), source)
+                return _load_splits(str(path), source, options, local=True)
             except DataError:
                 raise
             except Exception as err:
                 raise DataError(f"{path}: datasets cannot read it ({type(err).__name__}: {err})") from err
 
-        return StorySource(source, _fingerprint(files), open_splits)
+        return StorySource(source, _fingerprint(files), open_splits, options.text_field)
     if len(txt) != len(files):
         raise DataError(f"{path}: mixes .txt with other formats; keep one format per directory")
     # datasets' "text" builder yields lines, not stories, so .txt files are read here, but split by the same
@@ -240,8 +343,8 @@ def _directory_source(source: str, path: Path) -> StorySource:
     resolved = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path))
     splits = {k: sorted(Path(f) for f in v if f.endswith(".txt")) for k, v in resolved.items()}
     if splits.get("train") and splits.get("validation"):
-        return _files_source(source, splits["train"], splits["validation"])
-    return _files_source(source, txt)
+        return _files_source(source, {"train": splits["train"], "validation": splits["validation"]}, options)
+    return _files_source(source, {"train": txt}, options)
 
 
 def _hub_offline() -> bool:
@@ -284,13 +387,13 @@ def check_hub_reachable(source: str, timeout: float = HUB_TIMEOUT_S) -> None:
         raise _unreachable(source, f"the Hugging Face Hub at {endpoint} cannot be reached ({why})")
 
 
-def _hub_source(source: str) -> StorySource:
+def _hub_source(source: str, options: DataOptions) -> StorySource:
     def open_splits() -> tuple[Reader, Reader | None]:
         offline = _hub_offline()
         if not offline:
             check_hub_reachable(source)
         try:
-            return _load_splits(source, source)
+            return _load_splits(source, source, options, local=False)
         except DataError:
             raise
         except Exception as err:
@@ -300,4 +403,4 @@ def _hub_source(source: str) -> StorySource:
                 f"{source}: cannot load it from the Hugging Face Hub ({type(err).__name__}: {err})"
             ) from err
 
-    return StorySource(source, [source], open_splits)
+    return StorySource(source, [source], open_splits, options.text_field)

@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from gptlit.cli import cli_main
 from gptlit.config import GPTConfig
-from gptlit.data import TinyStoriesDataModule
+from gptlit.data import TextDataModule
 from gptlit.draft import NgramDraft, NgramTable
 from gptlit.generate import sample_next
 from gptlit.model import GPT
@@ -90,8 +90,11 @@ def params(ckpt: Path) -> dict[str, torch.Tensor]:
 # Corpora and data modules --------------------------------------------------------------------------------
 
 
-def write_stories(path: Path, stories: list[str], fmt: str) -> Path:
-    """Write ``stories`` as ``fmt`` with padding and blank stories mixed in, which preparation must undo."""
+def write_stories(path: Path, stories: list[str], fmt: str, field: str = "text") -> Path:
+    """Write ``stories`` as ``fmt`` with padding and blank stories mixed in, which preparation must undo.
+
+    Records (json, jsonl, parquet) hold each story in ``field``.
+    """
     messy: list[str] = []
     for i, story in enumerate(stories):
         messy.append(f"  {story}\n\n" if i % 3 == 0 else story)
@@ -100,11 +103,11 @@ def write_stories(path: Path, stories: list[str], fmt: str) -> Path:
     if fmt == "txt":  # the official layout; the last story has no separator after it
         path.write_text("".join(f"{s}\n{TXT_SEPARATOR}\n" for s in messy[:-1]) + messy[-1], encoding="utf-8")
     elif fmt == "jsonl":
-        path.write_text("".join(json.dumps({"id": i, "text": s}) + "\n" for i, s in enumerate(messy)), "utf-8")
+        path.write_text("".join(json.dumps({"id": i, field: s}) + "\n" for i, s in enumerate(messy)), "utf-8")
     elif fmt == "json":
-        path.write_text(json.dumps([{"text": s} for s in messy]), encoding="utf-8")
+        path.write_text(json.dumps([{field: s} for s in messy]), encoding="utf-8")
     elif fmt == "parquet":
-        pq.write_table(pa.table({"text": messy}), path)
+        pq.write_table(pa.table({field: messy, "url": [f"https://example.com/{i}" for i in range(len(messy))]}), path)
     return path
 
 
@@ -118,9 +121,38 @@ def swap_ids(path: Path) -> None:
     tokens.flush()
 
 
-def make_dm(data_dir: Path, source: Path | str, **kwargs) -> TinyStoriesDataModule:
+def make_dm(data_dir: Path, source: Path | str, **kwargs) -> TextDataModule:
     settings = {"vocab_size": 400, "block_size": 32, "batch_size": 4, "val_fraction": 0.05, **kwargs}
-    return TinyStoriesDataModule(source=str(source), data_dir=str(data_dir), **settings)
+    return TextDataModule(source=str(source), data_dir=str(data_dir), **settings)
+
+
+FINEWEB_README = """---
+license: odc-by
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/*/*
+- config_name: sample-10BT
+  data_files:
+  - split: train
+    path: sample/10BT/*
+---
+# A corpus laid out as HuggingFaceFW/fineweb-edu is
+"""
+
+
+def write_fineweb_like(repo: Path, sample: list[str], other: list[str]) -> Path:
+    """A local repository laid out as FineWeb-Edu is: configurations declared in README.md's front matter, each
+    one train split of parquet shards in its own folder; ``sample`` in ``sample-10BT``, ``other`` in the default."""
+    (repo / "sample" / "10BT").mkdir(parents=True)
+    (repo / "data" / "CC-MAIN-2024-10").mkdir(parents=True)
+    (repo / "README.md").write_text(FINEWEB_README, encoding="utf-8")
+    half = len(sample) // 2
+    write_stories(repo / "sample" / "10BT" / "000_00000.parquet", sample[:half], "parquet")
+    write_stories(repo / "sample" / "10BT" / "001_00000.parquet", sample[half:], "parquet")
+    write_stories(repo / "data" / "CC-MAIN-2024-10" / "000_00000.parquet", other, "parquet")
+    return repo
 
 
 # Models and decoding --------------------------------------------------------------------------------

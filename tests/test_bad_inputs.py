@@ -28,7 +28,7 @@ import torch
 import yaml
 from conftest import make_stories
 from forked_cli import ForkedCli
-from helpers import swap_ids, write_config, write_corpus
+from helpers import swap_ids, write_config, write_corpus, write_fineweb_like, write_stories
 
 from gptlit.cli import cli_main
 from gptlit.tokenizer import train_tokenizer
@@ -142,6 +142,14 @@ def wide_ids_survive(ws: Path) -> None:
 def point_at_dev_full(ws: Path) -> None:
     (ws / "full").mkdir()
     (ws / "full" / "train.bin.tmp").symlink_to("/dev/full")  # every write to it fails with ENOSPC
+
+
+def write_story_records(ws: Path) -> None:
+    write_stories(ws / "stories.jsonl", make_stories(20), "jsonl", field="story")
+
+
+def write_fineweb_repository(ws: Path) -> None:
+    write_fineweb_like(ws / "fineweb-edu", sample=make_stories(20), other=make_stories(20, seed=1))
 
 
 def write_blocking_file(ws: Path) -> None:
@@ -273,6 +281,23 @@ CASES = [
     ],
     Case(
         "predict", "predict --ckpt_path last", "write stories from a checkpoint with `python -m gptlit sample", code=2
+    ),
+    Case(
+        "text field the records lack",
+        "prepare --config run.yaml --data.source stories.jsonl --data.text_field title --data.data_dir other",
+        "stories.jsonl: records have no 'title' field (fields: id, story); set --data.text_field",
+        setup=write_story_records,
+    ),
+    Case(
+        "configuration the repository lacks",
+        "prepare --config run.yaml --data.source fineweb-edu --data.config_name sample-100BT --data.data_dir other",
+        "fineweb-edu has no configuration 'sample-100BT' (configurations: default, sample-10BT)",
+        setup=write_fineweb_repository,
+    ),
+    Case(
+        "split the source lacks",
+        "prepare --config run.yaml --data.val_split dev --data.data_dir other",
+        "no split 'dev' (splits: 'train'); set --data.val_split to one of them, or to null",
     ),
     Case("sample on a device that is not one", "sample --device gpu0", "--device gpu0: not a device"),
     Case(

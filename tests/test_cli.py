@@ -149,6 +149,11 @@ def test_python_dash_m_gptlit_help_lists_the_documented_options() -> None:
         "--model.config.embed_dim",
         "--model.config.mlp",
         "--data.source",
+        "--data.config_name",
+        "--data.text_field",
+        "--data.train_split",
+        "--data.val_split",
+        "sample-10BT",  # config_name's help, from the data module's docstring
         "--run_name",
         "--checkpoint.every_n_train_steps",
     ):

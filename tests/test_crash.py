@@ -26,6 +26,7 @@ from preloaded import Preloaded
 from gptlit.data import DataError, TinyStoriesDataModule
 from gptlit.prepare import prepare_dataset
 from gptlit.runs import load_checkpoint
+from gptlit.sources import DataOptions
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +62,7 @@ def preloaded() -> Preloaded:
 def crash_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = tmp_path_factory.mktemp("crash-data")
     write_corpus(data / "stories.txt")
-    prepare_dataset(str(data / "stories.txt"), data / "data", vocab_size=320)
+    prepare_dataset(DataOptions(source=str(data / "stories.txt"), vocab_size=320), data / "data")
     return data
 
 

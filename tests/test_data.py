@@ -11,14 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_stories
-from helpers import make_dm, swap_ids, write_stories
+from helpers import make_dm, run_cli, swap_ids, write_config, write_fineweb_like, write_stories
 
 from gptlit import prepare as prepare_module
+from gptlit import sources
 from gptlit.data import (
     DataError,
     token_dtype,
 )
-from gptlit.sources import TXT_SEPARATOR, check_hub_reachable
+from gptlit.sources import READING_OPTIONS, TXT_SEPARATOR, DataOptions, check_hub_reachable
 from gptlit.tokenizer import BOS_ID, EOS_ID, Tokenizer, train_tokenizer
 
 # Helpers -------------------------------------------------------------------------------------------
@@ -103,6 +104,106 @@ def test_directory_with_its_own_splits_keeps_them(tmp_path: Path, stories: list[
     assert decoded_split(tmp_path / "data", "train") == train
     assert decoded_split(tmp_path / "data", "val") == val
     assert json.loads((tmp_path / "data" / "meta.json").read_text())["settings"]["hold_out"] is None
+
+
+def test_records_with_another_text_field_prepare_and_train(workdir: Path, stories: list[str]) -> None:
+    write_stories(workdir / "stories.jsonl", stories, "jsonl", field="story")
+    config = write_config(workdir, max_steps=4)
+    run_cli("fit", "--config", str(config), "--data.source", "stories.jsonl", "--data.text_field", "story")
+    assert_split_of(decoded_split(workdir / "data", "train"), decoded_split(workdir / "data", "val"), stories)
+    assert json.loads((workdir / "data" / "meta.json").read_text())["settings"]["text_field"] == "story"
+    assert (workdir / "lightning_logs" / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_repository_is_read_by_configuration_name(
+    tmp_path: Path, stories: list[str], capsys: pytest.CaptureFixture
+) -> None:
+    """A local copy of a FineWeb-Edu-like repository: README.md declares the configurations, only a train split."""
+    repo = write_fineweb_like(tmp_path / "fineweb-edu", sample=stories[:200], other=stories[200:])
+    make_dm(tmp_path / "data", repo, config_name="sample-10BT", val_split=None).prepare_data()
+    assert_split_of(decoded_split(tmp_path / "data", "train"), decoded_split(tmp_path / "data", "val"), stories[:200])
+    settings = json.loads((tmp_path / "data" / "meta.json").read_text())["settings"]
+    assert (settings["config_name"], settings["val_split"]) == ("sample-10BT", None)
+    assert settings["hold_out"] == {"val_fraction": 0.05, "seed": 1337}
+    # Back to the default configuration, which holds the other stories: prepared again, from those.
+    make_dm(tmp_path / "data", repo, val_split=None).prepare_data()
+    assert "(config_name changed)" in capsys.readouterr().err
+    assert_split_of(decoded_split(tmp_path / "data", "train"), decoded_split(tmp_path / "data", "val"), stories[200:])
+
+
+def test_hub_sources_pass_the_options_and_need_their_validation_split(tmp_path: Path, stories: list[str]) -> None:
+    """The hub id's code path, on a local repository, which ``datasets.load_dataset`` reads as it reads a hub id."""
+    repo = str(write_fineweb_like(tmp_path / "fineweb-edu", sample=stories[:200], other=stories[200:]))
+    hub = sources._hub_source(repo, DataOptions(repo, config_name="sample-10BT"))
+    with pytest.raises(DataError, match=r"no split 'validation' \(splits: 'train'\); set --data\.val_split .* null"):
+        hub.splits()
+    hub = sources._hub_source(repo, DataOptions(repo, config_name="sample-10BT", val_split=None))
+    pairs = list(hub.stories(val_fraction=0.05, seed=1))
+    assert_split_of(
+        [s for split, s in pairs if split == "train"], [s for split, s in pairs if split == "val"], stories[:200]
+    )
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            dict(text_field="title"),
+            r"stories\.jsonl: records have no 'title' field \(fields: id, story\); set --data\.text_",
+        ),
+        (
+            dict(config_name="sample-100BT"),
+            r"fineweb-edu has no configuration 'sample-100BT' \(configurations: default, sample-10BT\); set --data",
+        ),
+        (
+            dict(config_name="sample-10BT", val_split="test"),
+            r"no split 'test' \(splits: 'train'\); set --data\.val_split",
+        ),
+        (
+            dict(train_split="train_sft"),
+            r"stories\.jsonl: no split 'train_sft' \(splits: 'train'\); set --data\.train_split",
+        ),
+        (
+            dict(config_name="sample-10BT", text_field="story"),
+            r"stories\.jsonl: --data\.config_name applies to a hub data set",
+        ),
+        (dict(val_split="train"), r"train_split and val_split are both 'train'"),
+    ],
+    ids=["text_field", "config_name", "val_split", "train_split", "config_name of a file", "the same split twice"],
+)
+def test_reading_options_that_do_not_fit_the_source(
+    tmp_path: Path, stories: list[str], options: dict, message: str
+) -> None:
+    """One line that names what the source has, before anything is written."""
+    source = write_stories(tmp_path / "stories.jsonl", stories, "jsonl", field="story")
+    if "config_name" in options and "text_field" not in options:
+        source = write_fineweb_like(tmp_path / "fineweb-edu", sample=stories[:200], other=stories[200:])
+    with pytest.raises(DataError, match=message) as caught:
+        make_dm(tmp_path / "data", source, **options).prepare_data()
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "data").exists() or not list((tmp_path / "data").iterdir())
+
+
+def test_a_repository_without_a_default_configuration_needs_one_named(tmp_path: Path, stories: list[str]) -> None:
+    repo = write_fineweb_like(tmp_path / "fineweb-edu", sample=stories[:200], other=stories[200:])
+    readme = (repo / "README.md").read_text().replace("config_name: default", "config_name: CC-MAIN-2024-10")
+    (repo / "README.md").write_text(readme)
+    message = r"fineweb-edu needs a configuration \(configurations: CC-MAIN-2024-10, sample-10BT\); set --data\.config"
+    with pytest.raises(DataError, match=message):
+        make_dm(tmp_path / "data", repo, val_split=None).prepare_data()
+
+
+def test_data_prepared_before_the_reading_options_stays_up_to_date(
+    prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """gptlit 0.2.0's meta.json records no reading options: at their defaults, spelled out, nothing is redone."""
+    data_dir = copy_prepared(prepared, tmp_path)
+    assert not set(json.loads((data_dir / "meta.json").read_text())["settings"]) & set(READING_OPTIONS)
+    stamps = {p.name: p.stat().st_mtime_ns for p in data_dir.iterdir()}
+    defaults = dict(config_name=None, text_field="text", train_split="train", val_split="validation")
+    make_dm(data_dir, prepared / "stories.txt", **defaults).prepare_data()
+    assert "up to date" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in data_dir.iterdir()} == stamps
 
 
 def test_offline_hub_fails_fast_with_a_pointer_to_local_files(tmp_path: Path) -> None:
