@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from gptlit.budget_callback import TimeBudget
 from gptlit.checkpoint import read_checkpoint
 from gptlit.checkpointing import AtomicCheckpointIO, BestCheckpoint, LastCheckpoint
 from gptlit.data import TinyStoriesDataModule
@@ -177,6 +178,7 @@ def _default_callbacks(present: list, progress_bar: bool | None) -> list:
     defaults = [
         BestCheckpoint(),
         GracefulStop(),
+        TimeBudget(),  # plans the schedule over trainer.max_time, when given
         LearningRateMonitor(logging_interval="step"),  # train/lr/<parameter group>
         # train/device/items_per_sec: tokens per second per process; train/device/mfu on GPUs Lightning knows.
         ThroughputMonitor(batch_size_fn=_sequences, length_fn=_tokens, window_size=THROUGHPUT_WINDOW),

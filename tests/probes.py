@@ -82,3 +82,19 @@ class RecordParams(L.Callback):
             digest.update(tensor.detach().cpu().numpy().tobytes())
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{trainer.global_rank}.txt").write_text(digest.hexdigest())
+
+
+class SignalWhenDecaying(L.Callback):
+    """Sends this process signal ``name`` (``SIGINT``: a user's Ctrl-C; ``SIGKILL``) at the end of the first
+    optimizer step after a time budget's plan froze and its decay began, while steps remain; in a fresh run only
+    (its resume, with the run's saved config, carries this callback too)."""
+
+    def __init__(self, name: str = "SIGINT") -> None:
+        self.signal = signal.Signals[name]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        plan = pl_module.budget_plan
+        if trainer.ckpt_path is not None or plan is None or not plan.frozen:
+            return
+        if plan.decay_start < trainer.global_step < plan.total:
+            os.kill(os.getpid(), self.signal)
