@@ -29,6 +29,7 @@ from gptlit.errors import ConfigError, GptlitError, UsageError
 from gptlit.export import export
 from gptlit.lightning_private import KeepConfigOverCheckpoint
 from gptlit.module import GPTLitModule
+from gptlit.precision import GPTLitTrainer
 from gptlit.run_config import SaveRunConfig, command_options, is_rank_zero, migrated_config_args
 from gptlit.runs import (
     CHECKPOINT_ALIASES,
@@ -206,6 +207,7 @@ def make_cli(args: list[str], run: bool = True) -> GPTLitCLI:
     return GPTLitCLI(
         GPTLitModule,
         TinyStoriesDataModule,
+        trainer_class=GPTLitTrainer,  # trainer.precision: auto
         args=migrated_config_args(args),
         run=run,
         parser_class=GPTLitArgumentParser,
