@@ -33,12 +33,14 @@ class GPTLitModule(L.LightningModule):
         weight_decay: AdamW weight decay, applied to the weight matrices of linear layers only; with
             ``optimizer: muon``, to an untied head only (the blocks' matrices take ``muon_weight_decay``).
         betas: AdamW betas.
-        warmup: Warmup length: a float below 1 is a fraction of all optimizer steps, an int a step count.
+        warmup: Warmup length: a float below 1 is a fraction of all optimizer steps (with ``trainer.max_time``:
+            of the time budget), an int a step count.
         optimizer: ``adamw``, or ``muon``: Muon for the transformer blocks' weight matrices and AdamW (at
             learning_rate) for the embeddings, the head, norms and biases.
         schedule: ``cosine`` (warmup, then cosine to min_lr) or ``wsd`` (warmup, the peak rate, then a linear
             decay to min_lr over the last decay_fraction of the steps).
-        decay_fraction: The share of all steps that ``wsd`` decays over.
+        decay_fraction: The share of all steps that ``wsd`` decays over (with ``trainer.max_time``: of the
+            budget; the schedule is planned over the time, see `gptlit.budget`).
         muon_lr: Muon's peak learning rate.
         muon_momentum: Muon's (Nesterov) momentum.
         muon_weight_decay: Muon's decoupled weight decay.
