@@ -98,3 +98,14 @@ class SignalWhenDecaying(L.Callback):
             return
         if plan.decay_start < trainer.global_step < plan.total:
             os.kill(os.getpid(), self.signal)
+
+
+class RecordBarTotal(L.Callback):
+    """Writes ``path``: the training progress bar's total and count when training ends (JSON)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        task = trainer.progress_bar_callback.train_progress_bar  # a rich Task
+        self.path.write_text(json.dumps({"total": task.total, "completed": task.completed}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -166,9 +167,13 @@ def assert_ended_inside_the_budget_with_the_decay_done(run: Path) -> dict:
 
 
 def test_a_budgeted_run_ends_inside_its_budget_with_the_decay_done(workdir: Path, one_thread, caplog) -> None:
-    run_cli("fit", "--config", str(budget_config(workdir, "budget")))
+    record = f'{{"class_path": "probes.RecordBarTotal", "init_args": {{"path": "{workdir / "bar.json"}"}}}}'
+    config = budget_config(workdir, "budget", enable_progress_bar=True)
+    run_cli("fit", "--config", str(config), "--data.batch_size", "1", f"--trainer.callbacks+={record}")
     plan = assert_ended_inside_the_budget_with_the_decay_done(workdir / "lightning_logs" / "budget")
     assert f"0:{BUDGET_S} budget: {plan['total']} steps at " in caplog.text  # the frozen plan, logged
+    # The progress bar counts to the planned steps (an epoch of windows of one is longer than the run).
+    assert json.loads((workdir / "bar.json").read_text()) == {"total": plan["total"], "completed": plan["total"]}
 
 
 def test_ctrl_c_in_the_decay_resumes_the_same_plan_with_the_remaining_time(workdir: Path, one_thread) -> None:
