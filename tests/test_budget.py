@@ -166,6 +166,7 @@ def assert_ended_inside_the_budget_with_the_decay_done(run: Path) -> dict:
     return plan
 
 
+@pytest.mark.slow
 def test_a_budgeted_run_ends_inside_its_budget_with_the_decay_done(workdir: Path, one_thread, caplog) -> None:
     record = f'{{"class_path": "probes.RecordBarTotal", "init_args": {{"path": "{workdir / "bar.json"}"}}}}'
     config = budget_config(workdir, "budget", enable_progress_bar=True)
@@ -176,6 +177,7 @@ def test_a_budgeted_run_ends_inside_its_budget_with_the_decay_done(workdir: Path
     assert json.loads((workdir / "bar.json").read_text()) == {"total": plan["total"], "completed": plan["total"]}
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_decay_resumes_the_same_plan_with_the_remaining_time(workdir: Path, one_thread) -> None:
     stop = '{"class_path": "probes.SignalWhenDecaying", "init_args": {"name": "SIGINT"}}'
     with pytest.raises(SystemExit) as stopped:
