@@ -50,8 +50,8 @@ class StepRate:
 
     def __init__(self) -> None:
         self._points: list[tuple[int, float]] = []  # (step, time spent outside validation)
-        self._validation_s = 0.0  # validation time, since the first point
-        self._validation_before = 0.0  # ... before the first measured one
+        self._validation_s = 0.0  # validation time in this process
+        self._validation_before = 0.0  # ... before the first step measured
 
     def add_validation(self, seconds: float) -> None:
         self._validation_s += seconds
