@@ -2,10 +2,12 @@
 
 - `gptlit.checkpointing`: ``LastCheckpoint`` (``last.ckpt``), ``BestCheckpoint`` (``best.ckpt``), atomic writes;
 - `gptlit.stopping`: ``GracefulStop`` (Ctrl-C ends a run between two batches, with ``last.ckpt`` saved);
+- `gptlit.budget_callback`: ``TimeBudget`` (the schedule planned over ``trainer.max_time``);
 - `gptlit.text_samples`: ``TextSamples`` (stories in TensorBoard after each validation);
 - `gptlit.run_config`: ``SaveRunConfig`` (the run's ``config.yaml``).
 """
 
+from gptlit.budget_callback import TimeBudget
 from gptlit.checkpointing import AtomicCheckpointIO, BestCheckpoint, LastCheckpoint
 from gptlit.run_config import SaveRunConfig
 from gptlit.stopping import GracefulStop
@@ -18,5 +20,6 @@ __all__ = [
     "LastCheckpoint",
     "SaveRunConfig",
     "TextSamples",
+    "TimeBudget",
     "sample_markdown",
 ]

@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from gptlit.budget_callback import TimeBudget
 from gptlit.checkpoint import read_checkpoint
 from gptlit.checkpointing import AtomicCheckpointIO, BestCheckpoint, LastCheckpoint
 from gptlit.data import TextDataModule
@@ -29,6 +30,7 @@ from gptlit.help import CKPT_PATH_HELP, NOT_COMMANDS, overview, program, where_l
 from gptlit.lightning_private import KeepConfigOverCheckpoint
 from gptlit.locks import DirectoryLock, lock_directory
 from gptlit.module import GPTLitModule
+from gptlit.precision import GPTLitTrainer
 from gptlit.run_config import (
     SaveRunConfig,
     announce_saved_config,
@@ -225,6 +227,7 @@ def _default_callbacks(present: list, progress_bar: bool | None) -> list:
     defaults = [
         BestCheckpoint(),
         GracefulStop(),
+        TimeBudget(),  # plans the schedule over trainer.max_time, when given
         LearningRateMonitor(logging_interval="step"),  # train/lr/<parameter group>
         # train/device/items_per_sec: tokens per second per process; train/device/mfu on GPUs Lightning knows.
         ThroughputMonitor(batch_size_fn=_sequences, length_fn=_tokens, window_size=THROUGHPUT_WINDOW),
@@ -269,6 +272,7 @@ def make_cli(args: list[str], run: bool = True) -> GPTLitCLI:
     return GPTLitCLI(
         GPTLitModule,
         TextDataModule,
+        trainer_class=GPTLitTrainer,  # trainer.precision: auto
         args=migrated_config_args(args),
         run=run,
         parser_class=GPTLitArgumentParser,

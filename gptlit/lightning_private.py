@@ -31,3 +31,12 @@ class KeepConfigOverCheckpoint:
 
     def _parse_ckpt_path(self) -> None:
         pass
+
+
+def set_max_steps(trainer: L.Trainer, steps: int) -> None:
+    """Change ``trainer.max_steps`` of a running fit: the loop stops once ``global_step`` reaches it.
+
+    ``trainer.max_steps`` reads the training epoch loop's ``max_steps``, which the loop checks after every step
+    and which has no public setter.
+    """
+    trainer.fit_loop.epoch_loop.max_steps = steps

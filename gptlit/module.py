@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
@@ -19,6 +19,9 @@ from gptlit.model import GPT
 from gptlit.optim import MuonAdjustLR, OptimizerName, ScheduleName, build_adamw, build_muon, schedule
 from gptlit.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from gptlit.budget import BudgetPlan
+
 
 class GPTLitModule(L.LightningModule):
     """Trains a GPT on next-token prediction.
@@ -30,12 +33,14 @@ class GPTLitModule(L.LightningModule):
         weight_decay: AdamW weight decay, applied to the weight matrices of linear layers only; with
             ``optimizer: muon``, to an untied head only (the blocks' matrices take ``muon_weight_decay``).
         betas: AdamW betas.
-        warmup: Warmup length: a float below 1 is a fraction of all optimizer steps, an int a step count.
+        warmup: Warmup length: a float below 1 is a fraction of all optimizer steps (with ``trainer.max_time``:
+            of the time budget), an int a step count.
         optimizer: ``adamw``, or ``muon``: Muon for the transformer blocks' weight matrices and AdamW (at
             learning_rate) for the embeddings, the head, norms and biases.
         schedule: ``cosine`` (warmup, then cosine to min_lr) or ``wsd`` (warmup, the peak rate, then a linear
             decay to min_lr over the last decay_fraction of the steps).
-        decay_fraction: The share of all steps that ``wsd`` decays over.
+        decay_fraction: The share of all steps that ``wsd`` decays over (with ``trainer.max_time``: of the
+            budget; the schedule is planned over the time, see `gptlit.budget`).
         muon_lr: Muon's peak learning rate.
         muon_momentum: Muon's (Nesterov) momentum.
         muon_weight_decay: Muon's decoupled weight decay.
@@ -83,6 +88,7 @@ class GPTLitModule(L.LightningModule):
         self.test_loss = MeanMetric()
         self.flops_per_batch = 0  # of this process's latest training batch: for ThroughputMonitor
         self._seed = torch.initial_seed()  # set again when fitting starts
+        self.budget_plan: BudgetPlan | None = None  # a schedule planned over trainer.max_time (TimeBudget)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -219,6 +225,8 @@ class GPTLitModule(L.LightningModule):
         return math.ceil(batches / trainer.accumulate_grad_batches) * trainer.max_epochs
 
     def _lr_factor(self, step: int) -> float:
+        if self.budget_plan is not None:
+            return self.budget_plan.lr_factor(step)
         total = self._total_steps()
         warmup = self.hparams.warmup
         if total is None:  # epoch-based run before its data is set up: on_train_start sets the lr again
@@ -228,8 +236,11 @@ class GPTLitModule(L.LightningModule):
         return schedule(self.hparams.schedule, self.hparams.decay_fraction)(step, warmup_steps, total, min_ratio)
 
     def on_train_start(self) -> None:
-        if self._total_steps() is None:
-            raise UsageError("set trainer.max_steps (or trainer.max_epochs with a finite dataset) to schedule the lr")
+        if self._total_steps() is None and self.budget_plan is None:
+            raise UsageError(
+                "set trainer.max_steps or trainer.max_time (or trainer.max_epochs with a finite dataset) "
+                "to schedule the lr"
+            )
         # The run's length is known now (also after a resume): set the current lr from it.
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler

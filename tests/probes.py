@@ -97,3 +97,30 @@ class PauseAt(L.Callback):
             Path(f"{self.gate}.reached").touch()
             while not self.gate.exists():
                 time.sleep(0.01)
+
+
+class SignalWhenDecaying(L.Callback):
+    """Sends this process signal ``name`` (``SIGINT``: a user's Ctrl-C; ``SIGKILL``) at the end of the first
+    optimizer step after a time budget's plan froze and its decay began, while steps remain; in a fresh run only
+    (its resume, with the run's saved config, carries this callback too)."""
+
+    def __init__(self, name: str = "SIGINT") -> None:
+        self.signal = signal.Signals[name]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        plan = pl_module.budget_plan
+        if trainer.ckpt_path is not None or plan is None or not plan.frozen:
+            return
+        if plan.decay_start < trainer.global_step < plan.total:
+            os.kill(os.getpid(), self.signal)
+
+
+class RecordBarTotal(L.Callback):
+    """Writes ``path``: the training progress bar's total and count when training ends (JSON)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        task = trainer.progress_bar_callback.train_progress_bar  # a rich Task
+        self.path.write_text(json.dumps({"total": task.total, "completed": task.completed}))

@@ -12,7 +12,7 @@ from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gptlit.cli import GPTLitCLI
-from gptlit.lightning_private import KeepConfigOverCheckpoint, request_stop
+from gptlit.lightning_private import KeepConfigOverCheckpoint, request_stop, set_max_steps
 
 
 class StopAt(L.Callback):
@@ -56,3 +56,19 @@ def test_lightning_cli_still_reads_hyperparameters_through_the_method_gptlit_rep
     CLI replaces it with a no-op (the behaviour: tests/test_cli.py, resuming into another model shape)."""
     assert "self._parse_ckpt_path()" in inspect.getsource(LightningCLI.__init__)
     assert GPTLitCLI._parse_ckpt_path is KeepConfigOverCheckpoint._parse_ckpt_path
+
+
+def test_set_max_steps_ends_a_running_fit_there() -> None:
+    """What TimeBudget needs: a max_steps changed during fit ends it there, and trainer.max_steps reads it."""
+
+    class Shorten(L.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 2:
+                set_max_steps(trainer, 5)
+
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=50, callbacks=[Shorten()], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(BoringModel(), datamodule=BoringDataModule())
+    assert trainer.global_step == 5 == trainer.max_steps
