@@ -188,11 +188,16 @@ def _default_callbacks(present: list, progress_bar: bool | None) -> list:
     return [cb for cb in defaults if not any(isinstance(other, type(cb)) for other in present)]
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path``, or its nearest ancestor that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def _check_writable(directory: Path) -> None:
     """Refuse a run directory that cannot be created, before anything is prepared or trained (and leave no trace)."""
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = _nearest_existing(directory)
     why = "" if existing.is_dir() else "is not a directory"
     if not why and not os.access(existing, os.W_OK | os.X_OK):
         why = "is not writable"
@@ -262,7 +267,7 @@ def _environment_failure(err: OSError) -> str:
     where, free = f": {file}" if file else "", ""
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         with contextlib.suppress(OSError):
-            free = f" ({shutil.disk_usage(Path(file or '.').parent).free / 2**20:.1f} MiB free there)"
+            free = f" ({shutil.disk_usage(_nearest_existing(Path(file or '.'))).free / 2**20:.1f} MiB free there)"
     return f"{err.strerror or err}{where}{free}; check that the path is writable and has free space"
 
 
