@@ -6,6 +6,8 @@ exception is a bug, in gptlit or in an edit of it, and keeps its traceback.
 
 from __future__ import annotations
 
+import math
+
 
 class GptlitError(Exception):
     """A problem with gptlit's input or environment, not a bug: reported as one line."""
@@ -72,8 +74,9 @@ class DiskFullError(GptlitError):
 
     def __str__(self) -> str:
         mib = 2**20
+        needed = math.ceil(self.needed / mib * 10) / 10  # rounded up: 0.45 MiB needs 0.5
         return (
-            f"cannot write {self.path}: no space left on its disk (it needs about {-(-self.needed * 10 // mib) / 10} "
-            f"MiB, {self.free / mib:.1f} MiB are free); free some space, or move the run to another disk "
+            f"cannot write {self.path}: no space left on its disk (it needs about {needed} MiB, "
+            f"{self.free / mib:.1f} MiB are free); free some space, or move the run to another disk "
             "(--trainer.default_root_dir), then resume with --ckpt_path last"
         )
