@@ -89,7 +89,7 @@ NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 @torch.no_grad()
 def non_finite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """The names of the tensors that hold a NaN or an infinity.
+    """The names of the tensors that hold a NaN or an infinity, in their order.
 
     One fused reduction per device and dtype: the largest magnitude of each tensor, which is NaN or infinite
     exactly when the tensor holds such a value (it never overflows, as a sum of squares would), and one
@@ -98,15 +98,15 @@ def non_finite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
     groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
     for name, tensor in tensors.items():
         groups.setdefault((tensor.device, tensor.dtype), []).append(name)
-    bad = []
+    bad = set()
     for (_, dtype), names in groups.items():
         group = [tensors[name] for name in names]
         if dtype in NORM_DTYPES:
             finite = torch.isfinite(torch.stack(torch._foreach_norm(group, ord=math.inf)))
         else:
             finite = torch.stack([torch.isfinite(t).all() for t in group])
-        bad += [name for name, ok in zip(names, finite.tolist(), strict=True) if not ok]
-    return bad
+        bad.update(name for name, ok in zip(names, finite.tolist(), strict=True) if not ok)
+    return [name for name in tensors if name in bad]
 
 
 def migrate_checkpoint(checkpoint: dict[str, Any], path: str | Path = "the checkpoint") -> dict[str, Any]:

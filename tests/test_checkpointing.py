@@ -16,8 +16,37 @@ import torch
 from helpers import run_cli, write_config
 
 import gptlit.cli
+from gptlit.checkpoint import describe_non_finite, read_checkpoint
+from gptlit.errors import UsageError
 
-pytestmark = pytest.mark.slow
+
+def test_non_finite_tensors_are_named_and_large_finite_ones_are_not() -> None:
+    weights = {
+        "big": torch.full((3,), 3e38),  # float32: a sum of squares would overflow, the largest magnitude does not
+        "half": torch.tensor([65504.0, -1.0], dtype=torch.float16),
+        "bad_half": torch.tensor([1.0, float("inf")], dtype=torch.bfloat16),
+        "steps": torch.arange(3),  # integers: never NaN
+        "empty": torch.empty(0),
+        "bad": torch.tensor([[0.0, float("nan")]]),
+    }
+    state = {"exp_avg": torch.zeros(2), "exp_avg_sq": torch.tensor([float("-inf"), 0.0]), "step": torch.tensor(3.0)}
+    checkpoint = {"state_dict": weights, "optimizer_states": [{"state": {0: state}, "param_groups": []}]}
+    assert describe_non_finite(checkpoint) == (
+        "2 of 4 weight tensors and 1 of 3 optimizer tensors hold NaN or inf "
+        "(bad_half, bad, optimizer_states[0][0].exp_avg_sq)"
+    )
+    assert describe_non_finite(checkpoint, optimizer=False) == "2 of 4 weight tensors hold NaN or inf (bad_half, bad)"
+    checkpoint["state_dict"] = {"fine": torch.ones(2)}
+    assert describe_non_finite(checkpoint, optimizer=False) is None
+
+
+def test_a_resumed_checkpoint_with_a_nan_optimizer_state_is_refused(tmp_path: Path) -> None:
+    state = {"exp_avg": torch.tensor([float("nan")])}
+    checkpoint = {"gptlit": {"format": 2, "config": {}}, "state_dict": {"model.w": torch.ones(2)}}
+    torch.save({**checkpoint, "optimizer_states": [{"state": {0: state}, "param_groups": []}]}, tmp_path / "x.ckpt")
+    assert read_checkpoint(tmp_path / "x.ckpt")["state_dict"].keys() == {"model.w"}  # enough to sample from
+    with pytest.raises(UsageError, match=r"refusing to load .*x.ckpt: 0 of 1 weight tensors and 1 of 1 optimizer"):
+        read_checkpoint(tmp_path / "x.ckpt", optimizer=True)  # not enough to resume from
 
 
 def fail_line(capsys: pytest.CaptureFixture, *args: str) -> str:
@@ -49,6 +78,7 @@ def train_run(workdir: Path, max_steps: int = 8) -> Path:
     return workdir / "lightning_logs" / "run"
 
 
+@pytest.mark.slow
 def test_weights_that_turn_nan_are_never_saved(workdir: Path, capsys: pytest.CaptureFixture) -> None:
     poison = {"class_path": "probes.PoisonGradientsAt", "init_args": {"step": 5}}  # NaN weights after step 5
     config = str(write_config(workdir))
@@ -68,6 +98,7 @@ def full_disk_save(obj, f, *args, **kwargs) -> None:
     raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4096")
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_checkpointing_ends_in_one_line(
     workdir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -107,6 +138,7 @@ def small_disk(tmp_path: Path) -> Path:
     subprocess.run(["umount", str(disk)], check=True)
 
 
+@pytest.mark.slow
 def test_a_run_on_a_full_disk_resumes_to_one_line(
     workdir: Path, small_disk: Path, capsys: pytest.CaptureFixture
 ) -> None:
