@@ -8,6 +8,7 @@ weights are the ``state_dict`` entries under ``model.``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pickle
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,12 @@ MODEL_PREFIX = "model."
 FORMAT_1_MEANING = {"mlp": "gelu", "mlp_hidden": None, "n_kv_heads": None, "qk_norm": False, "tie_embeddings": True}
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, optimizer: bool = False) -> dict[str, Any]:
     """Load a gptlit checkpoint weights-only: a pickle that would run code is refused, never executed.
 
     A checkpoint of an earlier format is migrated in memory; one of a later format than this gptlit
-    reads is refused.
+    reads is refused, and so is one whose weights (with ``optimizer``, also its optimizer state, which a
+    resumed run continues from) hold a NaN or an infinity.
     """
     path = Path(path)
     if not path.is_file():
@@ -47,7 +49,64 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"{path} is not a readable checkpoint ({err}); it may be truncated") from None
     if not isinstance(checkpoint, dict) or "gptlit" not in checkpoint:
         raise UsageError(f"{path} is not a gptlit checkpoint (it has no 'gptlit' entry); train one with gptlit fit")
+    problem = describe_non_finite(checkpoint, optimizer)
+    if problem:
+        raise UsageError(
+            f"refusing to load {path}: {problem}, so training had diverged when it was saved; use a checkpoint "
+            "saved before (such as --ckpt_path best), or train again with a lower model.learning_rate"
+        )
     return migrate_checkpoint(checkpoint, path)
+
+
+def describe_non_finite(checkpoint: dict[str, Any], optimizer: bool = True) -> str | None:
+    """Which floating-point tensors of a checkpoint's weights (``state_dict``) and, with ``optimizer``, of its
+    optimizer states hold a NaN or an infinity, in words; None when every one is finite."""
+    weights = floating_tensors(checkpoint.get("state_dict", {}))
+    states: dict[str, torch.Tensor] = {}
+    for i, saved in enumerate(checkpoint.get("optimizer_states", []) if optimizer else []):
+        for param, state in (saved.get("state") or {}).items():
+            states.update({f"optimizer_states[{i}][{param}].{k}": v for k, v in floating_tensors(state).items()})
+    bad_weights, bad_states = non_finite_names(weights), non_finite_names(states)
+    if not bad_weights and not bad_states:
+        return None
+    named = bad_weights + bad_states
+    listed = ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
+    counts = [f"{len(bad_weights)} of {len(weights)} weight tensors"]
+    if optimizer:
+        counts.append(f"{len(bad_states)} of {len(states)} optimizer tensors")
+    return f"{' and '.join(counts)} hold NaN or inf ({listed})"
+
+
+def floating_tensors(state: Any) -> dict[str, torch.Tensor]:
+    """The non-empty floating-point tensors of a dict, by key."""
+    items = state.items() if isinstance(state, dict) else ()
+    return {str(k): v for k, v in items if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()}
+
+
+# Dtypes whose largest magnitude torch._foreach_norm computes; others are checked with isfinite.
+NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@torch.no_grad()
+def non_finite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the tensors that hold a NaN or an infinity, in their order.
+
+    One fused reduction per device and dtype: the largest magnitude of each tensor, which is NaN or infinite
+    exactly when the tensor holds such a value (it never overflows, as a sum of squares would), and one
+    synchronization per group.
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
+    for name, tensor in tensors.items():
+        groups.setdefault((tensor.device, tensor.dtype), []).append(name)
+    bad = set()
+    for (_, dtype), names in groups.items():
+        group = [tensors[name] for name in names]
+        if dtype in NORM_DTYPES:
+            finite = torch.isfinite(torch.stack(torch._foreach_norm(group, ord=math.inf)))
+        else:
+            finite = torch.stack([torch.isfinite(t).all() for t in group])
+        bad.update(name for name, ok in zip(names, finite.tolist(), strict=True) if not ok)
+    return [name for name in tensors if name in bad]
 
 
 def migrate_checkpoint(checkpoint: dict[str, Any], path: str | Path = "the checkpoint") -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from gptlit.errors import ConfigError
+from gptlit.checkpoint import describe_non_finite
+from gptlit.errors import ConfigError, DiskFullError, NonFiniteCheckpointError, NonFiniteError
 
 LAST, BEST = "last.ckpt", "best.ckpt"
 
@@ -89,6 +92,8 @@ class LastCheckpoint(Checkpoint):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._commit(trainer)  # an end-of-step state, whatever went wrong after it
+        if isinstance(exception, NonFiniteError):  # its message ends with what to resume from
+            exception.last_good = self._last_good()
         # SIGTERMException is raised between batches, so the state is a consistent end-of-step state.
         if isinstance(exception, SIGTERMException):
             self._save_if_behind(trainer)
@@ -100,10 +105,21 @@ class LastCheckpoint(Checkpoint):
             return
         target = Path(self.dirpath or ".") / LAST
         staged = target.with_name(f".{LAST}.staged")
-        trainer.save_checkpoint(
-            staged, weights_only=False
-        )  # every rank takes part; the first writes, atomically (AtomicCheckpointIO)
+        try:  # every rank takes part; the first writes, atomically (AtomicCheckpointIO)
+            trainer.save_checkpoint(staged, weights_only=False)
+        except DiskFullError as err:
+            err.path = str(target)  # what the user knows it as
+            raise
         self._saved_step, self._staged = trainer.global_step, (staged, target)
+
+    def _last_good(self) -> str:
+        """``last.ckpt`` and its step, or "" when there is none (every checkpoint written is finite)."""
+        target = Path(self.dirpath or ".") / LAST
+        try:
+            step = torch.load(target, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+        except (OSError, RuntimeError, KeyError):
+            return ""
+        return f"{target} (step {step})"
 
     def _commit(self, trainer: L.Trainer) -> None:
         if self._staged is not None:
@@ -154,14 +170,65 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     A process killed mid-write leaves the previous checkpoint intact (a rename within a directory is atomic);
     Lightning's own writer stages the file in the system temp directory, which may be another file system.
+    A checkpoint whose weights or optimizer state hold a NaN or an infinity is not written
+    (:class:`gptlit.errors.NonFiniteCheckpointError`); a write that fails for lack of space removes its
+    temporary file and says how much space the checkpoint needs (:class:`gptlit.errors.DiskFullError`).
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         path = Path(path)
+        problem = describe_non_finite(checkpoint)
+        if problem:
+            raise NonFiniteCheckpointError(
+                f"training diverged at step {checkpoint.get('global_step')}: {problem}, so they were not saved; "
+                "lower the learning rate (model.learning_rate, and model.muon_lr with Muon) or use "
+                "trainer.precision 32-true"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_name(f"{'' if path.name.startswith('.') else '.'}{path.name}.partial")
-        with open(staging, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(staging, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException as err:
+            written = staging.stat().st_size if staging.is_file() else 0
+            staging.unlink(missing_ok=True)  # a full disk must not stay full of it
+            if not isinstance(err, (OSError, RuntimeError)):
+                raise
+            needed, free = max(written, checkpoint_nbytes(checkpoint)), shutil.disk_usage(path.parent).free
+            if is_disk_full(err, free, needed):
+                raise DiskFullError(str(path), needed, free) from err
+            raise
         os.replace(staging, path)
+
+
+def is_disk_full(err: BaseException, free: int, needed: int) -> bool:
+    """Whether a write failed for lack of space: ENOSPC or EDQUOT (torch.save raises a RuntimeError about an
+    ``unexpected pos`` with that OSError as its context), or such a RuntimeError with no context while the disk
+    has less space free than the file needs."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return isinstance(err, RuntimeError) and "unexpected pos" in str(err) and free < needed
+
+
+def checkpoint_nbytes(state: Any, seen: set[int] | None = None) -> int:
+    """The bytes of the tensor storages (each once) and strings of a checkpoint: about the size of its file."""
+    seen = set() if seen is None else seen
+    if isinstance(state, (str, bytes)):
+        return len(state)
+    if isinstance(state, torch.Tensor):
+        storage = state.untyped_storage()
+        key = storage.data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+    if isinstance(state, dict):
+        return sum(checkpoint_nbytes(v, seen) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(checkpoint_nbytes(v, seen) for v in state)
+    return 0

@@ -6,9 +6,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import shutil
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import NoReturn
@@ -179,7 +182,7 @@ class GPTLitCLI(KeepConfigOverCheckpoint, LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if ckpt_path is not None:
             path = resolve_checkpoint(ckpt_path, self.run_dir)
-            checkpoint = read_checkpoint(path)
+            checkpoint = read_checkpoint(path, optimizer=self.subcommand == "fit")  # resumed: its optimizer too
             check_same_shape(checkpoint, dict(config.model.config), path, data_vocab_size=config.data.vocab_size)
             if self.subcommand == "fit":
                 check_same_optimizer(checkpoint, config.model.optimizer, path)
@@ -254,11 +257,16 @@ def _make_room(run: Path, overwrite: bool, lock: DirectoryLock) -> None:
         )
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path``, or its nearest ancestor that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def _check_writable(directory: Path) -> None:
     """Refuse a run directory that cannot be created, before anything is prepared or trained (and leave no trace)."""
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = _nearest_existing(directory)
     why = "" if existing.is_dir() else "is not a directory"
     if not why and not os.access(existing, os.W_OK | os.X_OK):
         why = "is not writable"
@@ -304,6 +312,41 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise SystemExit(code)
 
 
+def _failed_file(err: OSError) -> str | None:
+    """The file an OSError is about: its ``filename``, else the innermost frame's local naming a file or path (a
+    writer that meets a full disk when it flushes or closes, TensorBoard's among them, gives no filename)."""
+    if err.filename:
+        return os.fsdecode(err.filename)
+    frames, tb = [], err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for name in ("filename", "file", "path", "f"):
+            value = frame.f_locals.get(name)
+            value = value if isinstance(value, (str, bytes, os.PathLike)) else getattr(value, "name", None)
+            if isinstance(value, (str, bytes, os.PathLike)) and os.fspath(value):
+                return os.fsdecode(value)
+    return None
+
+
+def _environment_failure(err: OSError) -> str:
+    """One line for an error of the machine (a full disk, a read-only directory): the file, and the free space."""
+    file = _failed_file(err)
+    where, free = f": {file}" if file else "", ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        with contextlib.suppress(OSError):
+            free = f" ({shutil.disk_usage(_nearest_existing(Path(file or '.'))).free / 2**20:.1f} MiB free there)"
+    return f"{err.strerror or err}{where}{free}; check that the path is writable and has free space"
+
+
+def _quiet_thread_errors(args: threading.ExceptHookArgs) -> None:
+    """A thread's full disk is told by the main thread, in one line: TensorBoard's writer thread raises its error
+    again in the main thread's next write. Any other error of a thread keeps its traceback."""
+    if not (isinstance(args.exc_value, OSError) and args.exc_value.errno in ENVIRONMENT_ERRNOS):
+        threading.__excepthook__(args)
+
+
 def _run(args: list[str]) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(overview())
@@ -332,6 +375,8 @@ def cli_main(args: list[str] | None = None) -> None:
     # gptlit passes the command line on explicitly (it may add the resumed run's config).
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
     debug = bool(os.environ.get("GPTLIT_DEBUG"))
+    if not debug:
+        threading.excepthook = _quiet_thread_errors
     try:
         _run(args)
     except SIGTERMException:
@@ -348,5 +393,6 @@ def cli_main(args: list[str] | None = None) -> None:
     except OSError as err:  # a full disk, a read-only directory: the machine, not gptlit
         if debug or err.errno not in ENVIRONMENT_ERRNOS:
             raise
-        where = f": {err.filename}" if err.filename else ""
-        _fail(f"{err.strerror or err}{where}; check that the path is writable and has free space")
+        _fail(_environment_failure(err))
+    finally:
+        threading.excepthook = threading.__excepthook__

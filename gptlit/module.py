@@ -144,9 +144,10 @@ class GPTLitModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.model_step(batch)
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"training loss is {loss.item()} at step {self.global_step}; lower model.learning_rate or "
-                "use trainer.precision 32-true, then resume with --ckpt_path last (the last good checkpoint)"
+            rates = "model.learning_rate" + (" and model.muon_lr" if self.hparams.optimizer == "muon" else "")
+            raise NonFiniteLossError(  # its message ends with the checkpoint to resume from
+                f"training loss is {loss.item()} at step {self.global_step}; lower {rates} or use "
+                "trainer.precision 32-true"
             )
         self.log("train/loss", loss, prog_bar=True)
         x = batch[0]  # (B, T)

@@ -29,6 +29,19 @@ class PoisonAt(L.Callback):
                 pl_module.model.wte.weight[0, 0] = math.nan
 
 
+class PoisonGradientsAt(L.Callback):
+    """Sets every gradient to NaN before optimizer step ``step`` (0-based): that step's loss was finite, the weights
+    it leaves are all NaN, as after the last step of a run that diverges."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == self.step:
+            for p in pl_module.parameters():
+                p.grad.fill_(math.nan)
+
+
 class RecordBatches(L.Callback):
     """Writes ``<out_dir>/rank<r>-from<first step>.json``: per optimizer step, a hash of each window in the batch."""
 

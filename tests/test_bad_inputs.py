@@ -152,6 +152,13 @@ def write_fineweb_repository(ws: Path) -> None:
     write_fineweb_like(ws / "fineweb-edu", sample=make_stories(20), other=make_stories(20, seed=1))
 
 
+def write_nan_checkpoint(ws: Path) -> None:
+    """nan.ckpt: the run's last.ckpt with one NaN weight."""
+    checkpoint = torch.load(ws / "lightning_logs" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["state_dict"]["model.blocks.1.mlp.fc.weight"][0, 0] = float("nan")
+    torch.save(checkpoint, ws / "nan.ckpt")
+
+
 def write_blocking_file(ws: Path) -> None:
     (ws / "blocker").write_text("a file where the data directory's parent should be")
 
@@ -241,6 +248,20 @@ CASES = [
         "training loss is nan at step 9",
         check=last_good_checkpoint_kept,
     ),
+    Case(
+        "NaN loss names the last good checkpoint",
+        f"fit --config run.yaml --run_name nan {shlex.quote('--trainer.callbacks+=' + POISON)}",
+        "/ws/lightning_logs/nan/checkpoints/last.ckpt (step 8)",  # the last good checkpoint, in the workspace copy
+    ),
+    *[
+        Case(
+            f"NaN weights, to {command.split()[0]}",
+            command,
+            "refusing to load nan.ckpt: 1 of 28 weight tensors hold NaN or inf (model.blocks.1.mlp.fc.weight)",
+            setup=write_nan_checkpoint,
+        )
+        for command in ("sample --ckpt_path nan.ckpt", "export --ckpt_path nan.ckpt --out_dir hf")
+    ],
     Case(
         "hub source while offline",
         "prepare --config run.yaml --data.source roneneldan/TinyStories --data.data_dir hub",
