@@ -167,8 +167,9 @@ class GPTLitModule(L.LightningModule):
         loss = self.model_step(batch)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"training loss is {loss.item()} at step {self.global_step}; lower model.learning_rate or "
-                "use trainer.precision 32-true, then resume with --ckpt_path last (the last good checkpoint)"
+                f"training loss is {loss.item()} at step {self.global_step}; lower model.learning_rate (and "
+                "model.muon_lr with muon) or use trainer.precision 32-true, then resume with --ckpt_path last "
+                "(the last good checkpoint): the new rates apply from there"
             )
         self.log("train/loss", loss, prog_bar=True)
         x = batch[0]  # (B, T)

@@ -96,7 +96,7 @@ def check_same_optimizer(checkpoint: dict[str, Any], optimizer: str, path: str |
 def check_decay_not_begun(
     checkpoint: dict[str, Any], schedule: str, max_steps: int, path: Path, ckpt_path: str
 ) -> None:
-    """Refuse to give a wsd run whose decay has begun another length: its rate would jump back up mid-decay.
+    """Refuse to give a wsd run whose decay has begun another length: the rate would jump mid-decay.
 
     A resume with the run's own max_steps goes on; one from ``stable.ckpt`` (saved as the decay starts) may take
     any length, and decays once, at its new end. A checkpoint that does not record its run's length (written
@@ -119,11 +119,11 @@ def check_decay_not_begun(
         where = "stable" if ckpt_path in CHECKPOINT_ALIASES else str(stable)
         hint = f"extend it from the state before its decay with --ckpt_path {where} --trainer.max_steps {max_steps}"
     else:
-        hint = f"{stable} does not exist to extend it from the state before its decay"
+        hint = f"there is no {stable} to extend it from the state before its decay"
     raise UsageError(
         f"{path} is at step {step}, past the start of its learning-rate decay (step {start} of {total}): with "
-        f"trainer.max_steps {max_steps} the rate would jump back up mid-decay; {hint}, or resume with "
-        f"--trainer.max_steps {total}"
+        f"trainer.max_steps {max_steps} the decay would be laid anew mid-way and the rate would jump; {hint}, "
+        f"or resume with --trainer.max_steps {total}"
     )
 
 

@@ -62,6 +62,7 @@ class ValidateAtEnd(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._ended_at == trainer.global_step and trainer.enable_validation:
             resume_after_validation(trainer)
+        self._ended_at = None
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if 0 <= trainer.max_steps <= trainer.global_step:
