@@ -60,7 +60,9 @@ class GPTLitModule(L.LightningModule):
         optimizer: ``adamw``, or ``muon``: Muon for the transformer blocks' weight matrices and AdamW (at
             learning_rate) for the embeddings, the head, norms and biases.
         schedule: ``cosine`` (warmup, then cosine to min_lr) or ``wsd`` (warmup, the peak rate, then a linear
-            decay to min_lr over the last decay_fraction of the steps).
+            decay to min_lr over the last decay_fraction of the steps; the state before the decay is saved as
+            ``checkpoints/stable.ckpt``, which ``--ckpt_path stable --trainer.max_steps N`` extends to N steps).
+            The rates and these settings may be changed on resume; they apply from the resumed step.
         decay_fraction: The share of all steps that ``wsd`` decays over.
         muon_lr: Muon's peak learning rate.
         muon_momentum: Muon's (Nesterov) momentum.
