@@ -1,7 +1,8 @@
 """gptlit checkpoints: read weights-only, checked, and migrated from the formats of earlier gptlit versions.
 
 A gptlit checkpoint is a Lightning checkpoint with one more entry, ``gptlit``:
-``{"format": CHECKPOINT_FORMAT, "config": GPTConfig fields, "tokenizer": the tokenizer's JSON}``. The model's
+``{"format": CHECKPOINT_FORMAT, "config": GPTConfig fields, "tokenizer": the tokenizer's JSON}``, and from a
+training run its latest validation ``metrics`` and ``total_steps`` (the run's length, or None). The model's
 weights are the ``state_dict`` entries under ``model.``.
 """
 

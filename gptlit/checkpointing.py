@@ -1,4 +1,5 @@
-"""What a run saves: ``last.ckpt`` (its newest state), ``best.ckpt`` (its best weights), each written atomically."""
+"""What a run saves: ``last.ckpt`` (its newest state), ``best.ckpt`` (its best weights), ``stable.ckpt`` (a
+warmup-stable-decay run's state before its decay), each written atomically."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from gptlit.checkpoint import describe_non_finite
 from gptlit.errors import ConfigError, DiskFullError, NonFiniteCheckpointError, NonFiniteError
 
-LAST, BEST = "last.ckpt", "best.ckpt"
+LAST, BEST, STABLE = "last.ckpt", "best.ckpt", "stable.ckpt"
 
 
 class LastCheckpoint(Checkpoint):
@@ -63,8 +64,7 @@ class LastCheckpoint(Checkpoint):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.dirpath is None:
-            log_dir = trainer.log_dir  # a broadcast: every rank asks
-            self.dirpath = str(Path(log_dir or trainer.default_root_dir) / "checkpoints")
+            self.dirpath = run_checkpoints_dir(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._saved_step = trainer.global_step  # a resumed state is saved already
@@ -127,6 +127,37 @@ class LastCheckpoint(Checkpoint):
             self._staged = None
             if trainer.is_global_zero:  # the rank that wrote it
                 os.replace(staged, target)
+
+
+def run_checkpoints_dir(trainer: L.Trainer) -> str:
+    """The run's ``checkpoints/`` directory (every rank must ask: the log directory is a broadcast)."""
+    return str(Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints")
+
+
+class StableCheckpoint(Checkpoint):
+    """``checkpoints/stable.ckpt``: a warmup-stable-decay run's state when its decay starts, after its last step at
+    the peak rate, written as the step ends (the module's ``decay_start()`` names the step; a cosine run writes
+    none). ``fit --ckpt_path stable --trainer.max_steps N`` extends the finished run from there, and it decays
+    once, over the last steps of the N; when that run reaches its own decay, stable.ckpt is its state there.
+    """
+
+    def __init__(self) -> None:
+        self.dirpath: str | None = None
+        self._saved_step: int | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.dirpath = run_checkpoints_dir(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._saved_step = trainer.global_step  # a resumed state is never saved again
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        decay_start = getattr(pl_module, "decay_start", None)
+        step = trainer.global_step
+        if callable(decay_start) and step != self._saved_step and decay_start() == step:
+            # every rank takes part; the first writes, atomically (AtomicCheckpointIO)
+            trainer.save_checkpoint(Path(self.dirpath or ".") / STABLE, weights_only=False)
+            self._saved_step = step
 
 
 class BestCheckpoint(ModelCheckpoint):

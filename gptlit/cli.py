@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gptlit.budget_callback import TimeBudget
 from gptlit.checkpoint import read_checkpoint
-from gptlit.checkpointing import AtomicCheckpointIO, BestCheckpoint, LastCheckpoint
+from gptlit.checkpointing import AtomicCheckpointIO, BestCheckpoint, LastCheckpoint, StableCheckpoint
 from gptlit.data import TextDataModule
 from gptlit.errors import ConfigError, GptlitError, UsageError
 from gptlit.export import export
@@ -45,6 +45,7 @@ from gptlit.run_config import (
 from gptlit.runs import (
     CHECKPOINT_ALIASES,
     LOGS_DIR,
+    check_decay_not_begun,
     check_same_optimizer,
     check_same_shape,
     has_checkpoint,
@@ -56,7 +57,7 @@ from gptlit.runs import (
     shown,
 )
 from gptlit.sample import sample
-from gptlit.stopping import GracefulStop
+from gptlit.stopping import GracefulStop, ValidateAtEnd
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")  # not predict: see gptlit.help.NOT_COMMANDS
 FUNCTION_SUBCOMMANDS = {"sample": sample, "export": export}
@@ -186,6 +187,7 @@ class GPTLitCLI(KeepConfigOverCheckpoint, LightningCLI):
             check_same_shape(checkpoint, dict(config.model.config), path, data_vocab_size=config.data.vocab_size)
             if self.subcommand == "fit":
                 check_same_optimizer(checkpoint, config.model.optimizer, path)
+                check_decay_not_begun(checkpoint, config.model.schedule, config.trainer.max_steps, path, ckpt_path)
             self.resume_step = checkpoint.get("global_step", 0)
             config.ckpt_path = str(path)
             if config.get("weights_only") is None:
@@ -229,8 +231,10 @@ def _default_callbacks(present: list, progress_bar: bool | None) -> list:
     """The callbacks every run has, unless the config brings its own of the kind."""
     defaults = [
         BestCheckpoint(),
+        StableCheckpoint(),
         GracefulStop(),
         TimeBudget(),  # plans the schedule over trainer.max_time, when given
+        ValidateAtEnd(),
         LearningRateMonitor(logging_interval="step"),  # train/lr/<parameter group>
         # train/device/items_per_sec: tokens per second per process; train/device/mfu on GPUs Lightning knows.
         ThroughputMonitor(batch_size_fn=_sequences, length_fn=_tokens, window_size=THROUGHPUT_WINDOW),

@@ -40,3 +40,23 @@ def set_max_steps(trainer: L.Trainer, steps: int) -> None:
     and which has no public setter.
     """
     trainer.fit_loop.epoch_loop.max_steps = steps
+
+
+def resume_after_validation(trainer: L.Trainer) -> None:
+    """Have a resumed run take the step it resumes at as validated, as it does a step of ``val_check_interval``.
+
+    Lightning decides whether to validate after a step in ``_should_check_val_fx``, and asks it once more as a
+    resumed run starts: yes, for a state saved during that step's validation, finishes the step's bookkeeping (the
+    count of stepped batches that logged metrics are stepped by) instead of training. A validation Lightning did
+    not schedule itself (one asked for with ``trainer.should_stop``) would be answered no. Call from
+    ``on_train_start`` of a resumed run: only that next answer is changed.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    if not loop.restarting:
+        return
+
+    def validated(data_fetcher) -> bool:
+        del loop._should_check_val_fx  # Lightning's own method again
+        return True
+
+    loop._should_check_val_fx = validated

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,11 +17,36 @@ from gptlit.checkpoint import CHECKPOINT_FORMAT, migrate_checkpoint, read_checkp
 from gptlit.config import GPTConfig
 from gptlit.errors import ConfigError, NonFiniteLossError, UsageError
 from gptlit.model import GPT
-from gptlit.optim import MuonAdjustLR, OptimizerName, ScheduleName, build_adamw, build_muon, schedule
+from gptlit.optim import (
+    MuonAdjustLR,
+    OptimizerName,
+    ScheduleName,
+    build_adamw,
+    build_muon,
+    count_warmup_steps,
+    schedule,
+    wsd_decay_start,
+)
 from gptlit.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from gptlit.budget import BudgetPlan
+
+# The settings a resumed run may change, each with the parameter-group keys it sets ("lr": the peak rate).
+# The schedule's shape (min_lr, warmup, schedule, decay_fraction) is read anew at every step.
+RESUMABLE = {
+    "learning_rate": ("lr",),
+    "muon_lr": ("lr",),
+    "weight_decay": ("weight_decay",),
+    "muon_weight_decay": ("weight_decay",),
+    "betas": ("betas",),
+    "muon_momentum": ("momentum",),
+    "muon_adjust_lr": ("adjust_lr_fn",),
+    "min_lr": (),
+    "warmup": (),
+    "schedule": (),
+    "decay_fraction": (),
+}
 
 
 class GPTLitModule(L.LightningModule):
@@ -38,7 +64,9 @@ class GPTLitModule(L.LightningModule):
         optimizer: ``adamw``, or ``muon``: Muon for the transformer blocks' weight matrices and AdamW (at
             learning_rate) for the embeddings, the head, norms and biases.
         schedule: ``cosine`` (warmup, then cosine to min_lr) or ``wsd`` (warmup, the peak rate, then a linear
-            decay to min_lr over the last decay_fraction of the steps).
+            decay to min_lr over the last decay_fraction of the steps; the state before the decay is saved as
+            ``checkpoints/stable.ckpt``, which ``--ckpt_path stable --trainer.max_steps N`` extends to N steps).
+            The rates and these settings may be changed on resume; they apply from the resumed step.
         decay_fraction: The share of all steps that ``wsd`` decays over (with ``trainer.max_time``: of the
             budget; the schedule is planned over the time, see `gptlit.budget`).
         muon_lr: Muon's peak learning rate.
@@ -89,6 +117,8 @@ class GPTLitModule(L.LightningModule):
         self.flops_per_batch = 0  # of this process's latest training batch: for ThroughputMonitor
         self._seed = torch.initial_seed()  # set again when fitting starts
         self.budget_plan: BudgetPlan | None = None  # a schedule planned over trainer.max_time (TimeBudget)
+        self._built_groups: list[dict[str, Any]] = []  # the optimizer's group settings, as configured
+        self._resumed_from: dict[str, Any] | None = None  # a resumed checkpoint's settings and length
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -192,6 +222,7 @@ class GPTLitModule(L.LightningModule):
                                    muon_adjust_lr=hp.muon_adjust_lr, fused=fused)  # fmt: skip
         else:
             optimizer = build_adamw(self.model, hp.learning_rate, hp.weight_decay, betas, fused)
+        self._built_groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         # "name": LearningRateMonitor logs each parameter group's rate as train/lr/<group>.
         return {
@@ -232,9 +263,19 @@ class GPTLitModule(L.LightningModule):
         warmup = self.hparams.warmup
         if total is None:  # epoch-based run before its data is set up: on_train_start sets the lr again
             return 1.0 / (warmup + 1) if isinstance(warmup, int) and warmup > 0 else 0.0
-        warmup_steps = round(warmup * total) if isinstance(warmup, float) else warmup
         min_ratio = self.hparams.min_lr / self.hparams.learning_rate
-        return schedule(self.hparams.schedule, self.hparams.decay_fraction)(step, warmup_steps, total, min_ratio)
+        lr_schedule = schedule(self.hparams.schedule, self.hparams.decay_fraction)
+        return lr_schedule(step, count_warmup_steps(warmup, total), total, min_ratio)
+
+    def decay_start(self) -> int | None:
+        """The first optimizer step of the WSD schedule's decay (the first below the peak rate after warmup); None
+        for the cosine schedule, or while the run's length is not known (a time budget's: until its plan is frozen)."""
+        if self.budget_plan is not None:
+            return self.budget_plan.decay_start if self.hparams.schedule == "wsd" else None
+        total = self._total_steps()
+        if self.hparams.schedule != "wsd" or total is None:
+            return None
+        return wsd_decay_start(count_warmup_steps(self.hparams.warmup, total), total, self.hparams.decay_fraction)
 
     def on_train_start(self) -> None:
         if self._total_steps() is None and self.budget_plan is None:
@@ -242,12 +283,40 @@ class GPTLitModule(L.LightningModule):
                 "set trainer.max_steps or trainer.max_time (or trainer.max_epochs with a finite dataset) "
                 "to schedule the lr"
             )
+        self._take_changed_settings()
         # The run's length is known now (also after a resume): set the current lr from it.
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             factor = self._lr_factor(scheduler.last_epoch)
             for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
                 group["lr"] = base_lr * factor
+
+    def _take_changed_settings(self) -> None:
+        """After a resume, the settings given anew take effect from the resumed step, and rank 0 says which.
+
+        Lightning restores each parameter group's settings and the schedule's peak rates from the checkpoint.
+        For each setting of `RESUMABLE` that differs from the checkpoint's (a lower learning_rate after a loss
+        spike), its group keys are set as this module's configuration builds them; settings left alone stay as
+        restored, so a resume that changes nothing goes on exactly.
+        """
+        resumed, self._resumed_from = self._resumed_from, None
+        if resumed is None or self.trainer.ckpt_path is None:
+            return
+        saved, mine = resumed["hparams"], self.hparams
+        changes = {n: (saved[n], mine[n]) for n in RESUMABLE if n in saved and _shown(saved[n]) != _shown(mine[n])}
+        keys = {key for name in changes for key in RESUMABLE[name]}
+        for config in self.trainer.lr_scheduler_configs if keys else []:
+            scheduler = config.scheduler
+            for group, built in zip(scheduler.optimizer.param_groups, self._built_groups, strict=True):
+                for key in keys & built.keys():
+                    group["initial_lr" if key == "lr" else key] = built[key]
+            scheduler.base_lrs = [group["initial_lr"] for group in scheduler.optimizer.param_groups]
+        planned = self.budget_plan is not None  # a time budget lays out its own length
+        if not planned and resumed["total_steps"] not in (None, self._total_steps()):  # cosine: laid over the new length
+            changes["max_steps"] = (resumed["total_steps"], self._total_steps())
+        if changes and self.trainer.is_global_zero:
+            changed = ", ".join(f"{name} {_shown(old)} → {_shown(new)}" for name, (old, new) in changes.items())
+            print(f"gptlit: {changed} from step {self.trainer.global_step}", file=sys.stderr)
 
     # Checkpoints: the tokenizer and the model config travel inside ------------------------------------------
 
@@ -260,6 +329,8 @@ class GPTLitModule(L.LightningModule):
             "tokenizer": self.tokenizer.to_str() if self.tokenizer is not None else None,
             # The latest validation's figures, for the exported model card.
             "metrics": {name: float(value) for name, value in metrics.items() if name.startswith("val/")},
+            # The run's length, against which a resume with another max_steps is checked.
+            "total_steps": self._total_steps() if trainer is not None else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -267,6 +338,10 @@ class GPTLitModule(L.LightningModule):
         if "gptlit" in checkpoint:
             migrate_checkpoint(checkpoint)
         saved = checkpoint.get("gptlit") or {}
+        self._resumed_from = {
+            "hparams": dict(checkpoint.get("hyper_parameters") or {}),
+            "total_steps": saved.get("total_steps"),
+        }
         for name, value in (saved.get("config") or {}).items():
             mine = getattr(self.config, name, value)
             if mine != value:
@@ -287,3 +362,8 @@ class GPTLitModule(L.LightningModule):
                 f"{checkpoint_path} was trained with another tokenizer than {data}; resume with the data.data_dir "
                 "(or data.tokenizer_path) the run was trained with, or start a new run"
             )
+
+
+def _shown(value: Any) -> Any:
+    """A setting as it is compared and shown: a list (from a YAML file or checkpoint) as a tuple."""
+    return tuple(value) if isinstance(value, list) else value

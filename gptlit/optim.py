@@ -30,13 +30,22 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
 
 
+def count_warmup_steps(warmup: int | float, total_steps: int) -> int:
+    """Warmup in optimizer steps: a float is a fraction of all ``total_steps``, an int a step count."""
+    return round(warmup * total_steps) if isinstance(warmup, float) else warmup
+
+
+def wsd_decay_start(warmup_steps: int, total_steps: int, decay_fraction: float) -> int:
+    """The first step of the warmup-stable-decay schedule's decay: the first after warmup below the peak rate."""
+    return max(warmup_steps, total_steps - max(1, round(decay_fraction * total_steps)))
+
+
 def wsd_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float, decay_fraction: float) -> float:
     """Warmup-stable-decay: linear warmup, the peak rate, then a linear decay to ``min_ratio`` over the last
     ``decay_fraction`` of all steps (the speedruns' trapezoid)."""
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
-    decay_steps = max(1, round(decay_fraction * total_steps))
-    decay_start = max(warmup_steps, total_steps - decay_steps)
+    decay_start = wsd_decay_start(warmup_steps, total_steps, decay_fraction)
     if step < decay_start:
         return 1.0
     progress = min(1.0, (step + 1 - decay_start) / max(1, total_steps - decay_start))  # 1 at the last step

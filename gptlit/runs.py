@@ -1,7 +1,7 @@
 """Run directories: where a run lives, which run to resume, and the model and tokenizer of its checkpoints.
 
 A run lives in ``<root>/lightning_logs/<run_name>/`` with ``config.yaml``, ``hparams.yaml``, the
-TensorBoard event files and ``checkpoints/{last,best}.ckpt``.
+TensorBoard event files and ``checkpoints/{last,best,stable}.ckpt``.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import torch
 from gptlit.checkpoint import read_checkpoint, tokenizer_json
 from gptlit.errors import UsageError
 from gptlit.model import GPT
+from gptlit.optim import count_warmup_steps, wsd_decay_start
 from gptlit.tokenizer import Tokenizer
 
 LOGS_DIR = "lightning_logs"
-CHECKPOINT_ALIASES = ("last", "best")
+CHECKPOINT_ALIASES = ("last", "best", "stable")
 ATTEMPTS_DIR = "attempts"  # <run>/attempts/<time>/: the logs of earlier starts that saved no checkpoint
 
 # Read before gptlit 0.2 from this module; gptlit.checkpoint reads checkpoints now.
@@ -87,7 +88,7 @@ def set_aside(run: Path) -> Path:
 
 
 def resolve_checkpoint(ckpt_path: str, run: Path | None) -> Path:
-    """Turn ``last``/``best`` (of ``run``) or a file path into an existing checkpoint file."""
+    """Turn ``last``/``best``/``stable`` (of ``run``) or a file path into an existing checkpoint file."""
     if ckpt_path in CHECKPOINT_ALIASES:
         if run is None:
             raise UsageError(
@@ -96,6 +97,11 @@ def resolve_checkpoint(ckpt_path: str, run: Path | None) -> Path:
             )
         named_run(run.parent.parent, run.name)  # a run that does not exist is refused, naming those that do
         path = run / "checkpoints" / f"{ckpt_path}.ckpt"
+        if not path.is_file() and ckpt_path == "stable":
+            raise UsageError(
+                f"--ckpt_path stable: {path} does not exist; a run saves it when the decay of its wsd schedule "
+                "starts (model.schedule wsd), so resume this one with --ckpt_path last"
+            )
         if not path.is_file():
             raise UsageError(
                 f"--ckpt_path {ckpt_path}: {path} does not exist; the run has saved no {ckpt_path} checkpoint "
@@ -104,7 +110,7 @@ def resolve_checkpoint(ckpt_path: str, run: Path | None) -> Path:
         return path
     path = Path(ckpt_path)
     if not path.is_file():
-        raise UsageError(f"checkpoint not found: {path}; give a .ckpt file, or 'last' or 'best'")
+        raise UsageError(f"checkpoint not found: {path}; give a .ckpt file, or 'last', 'best' or 'stable'")
     return path
 
 
@@ -135,6 +141,40 @@ def check_same_optimizer(checkpoint: dict[str, Any], optimizer: str, path: str |
             f"{path} was trained with model.optimizer {saved}, and its state cannot continue as {optimizer}; "
             f"resume with --model.optimizer {saved}, or start a new run from its weights"
         )
+
+
+def check_decay_not_begun(
+    checkpoint: dict[str, Any], schedule: str, max_steps: int, path: Path, ckpt_path: str
+) -> None:
+    """Refuse to give a wsd run whose decay has begun another length: the rate would jump mid-decay.
+
+    A resume with the run's own max_steps goes on; one from ``stable.ckpt`` (saved as the decay starts) may take
+    any length, and decays once, at its new end. A checkpoint that does not record its run's length (written
+    before gptlit recorded it) is not checked.
+    """
+    hparams, step = checkpoint.get("hyper_parameters") or {}, checkpoint.get("global_step", 0)
+    total = (checkpoint.get("gptlit") or {}).get("total_steps")
+    if (
+        total is None
+        or max_steps in (total, -1)
+        or max_steps <= step
+        or not hparams.get("schedule") == schedule == "wsd"
+    ):
+        return
+    start = wsd_decay_start(count_warmup_steps(hparams["warmup"], total), total, hparams["decay_fraction"])
+    if step <= start:
+        return
+    stable = path.parent / "stable.ckpt"
+    if stable.is_file():
+        where = "stable" if ckpt_path in CHECKPOINT_ALIASES else str(stable)
+        hint = f"extend it from the state before its decay with --ckpt_path {where} --trainer.max_steps {max_steps}"
+    else:
+        hint = f"there is no {stable} to extend it from the state before its decay"
+    raise UsageError(
+        f"{path} is at step {step}, past the start of its learning-rate decay (step {start} of {total}): with "
+        f"trainer.max_steps {max_steps} the decay would be laid anew mid-way and the rate would jump; {hint}, "
+        f"or resume with --trainer.max_steps {total}"
+    )
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:

@@ -4,6 +4,7 @@ that a Lightning upgrade that changes one fails by name."""
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -12,7 +13,7 @@ from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gptlit.cli import GPTLitCLI
-from gptlit.lightning_private import KeepConfigOverCheckpoint, request_stop, set_max_steps
+from gptlit.lightning_private import KeepConfigOverCheckpoint, request_stop, resume_after_validation, set_max_steps
 
 
 class StopAt(L.Callback):
@@ -72,3 +73,50 @@ def test_set_max_steps_ends_a_running_fit_there() -> None:
     )  # fmt: skip
     trainer.fit(BoringModel(), datamodule=BoringDataModule())
     assert trainer.global_step == 5 == trainer.max_steps
+
+
+class ValidatedEnd(L.Callback):
+    """Asks for a validation at the last step (as gptlit's ValidateAtEnd) and saves during it (as LastCheckpoint)."""
+
+    def __init__(self, path: Path, resume: bool = False) -> None:
+        self.path, self.resume = path, resume
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.resume:
+            resume_after_validation(trainer)
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == trainer.max_steps:
+            trainer.should_stop = True
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and trainer.global_step == 3:
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["lightning", "told"])
+def test_a_run_resumed_from_a_validation_lightning_did_not_schedule_needs_telling(tmp_path: Path, resume) -> None:
+    """What ValidateAtEnd needs: Lightning validates when asked to stop, and a run resumed from a state saved during
+    that validation counts the stepped batches (the step of logged metrics) on only when told it was validated."""
+
+    def fit(max_steps: int, callback: L.Callback, ckpt_path: Path | None = None) -> L.Trainer:
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=max_steps,
+            val_check_interval=10,
+            limit_val_batches=1,
+            num_sanity_val_steps=0,
+            callbacks=[callback],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(BoringModel(), datamodule=BoringDataModule(), ckpt_path=ckpt_path)
+        return trainer
+
+    path = tmp_path / "end.ckpt"
+    fit(3, ValidatedEnd(path))
+    assert path.is_file()  # validated at step 3, which val_check_interval 10 would not
+    resumed = fit(5, ValidatedEnd(path, resume), ckpt_path=path)
+    assert resumed.fit_loop.epoch_loop._batches_that_stepped == (5 if resume else 4)

@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import params, run_cli, scalars, write_config
+from helpers import OPTIM, params, run_cli, scalars, write_config
 
 from gptlit.checkpointing import BestCheckpoint
+from gptlit.errors import UsageError
+from gptlit.optim import lr_factor, wsd_factor
+from gptlit.runs import check_decay_not_begun
 
 
 def checkpoints(run: Path) -> list[str]:
@@ -113,3 +116,92 @@ def test_resume_and_extend_with_the_starting_config_keeps_the_runs_own_settings(
         f"gptlit: run 'run' uses its saved lightning_logs/run/config.yaml ({config} names the run; its settings "
         "are not read); changed on the command line: trainer.max_steps"
     )
+
+
+def lrs(run: Path, group: str) -> list[float]:
+    """The logged learning rate of a parameter group, step by step (each step once)."""
+    logged = scalars(run)[f"train/lr/{group}"]
+    assert [step for step, _ in logged] == list(range(len(logged)))
+    return [value for _, value in logged]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_resume_with_lower_rates_takes_them_from_the_resumed_step(
+    workdir: Path, capsys: pytest.CaptureFixture, optimizer: str
+) -> None:
+    """The recovery from a loss spike: stop, lower the rates, resume. The schedule goes on with the new peaks."""
+    config = write_config(workdir, max_steps=8)
+    stop = '{"class_path": "probes.InterruptAt", "init_args": {"step": 4}}'
+    with pytest.raises(SystemExit):
+        run_cli("fit", "--config", str(config), "--model.optimizer", optimizer, f"--trainer.callbacks+={stop}")
+    capsys.readouterr()
+    lower = ["--model.learning_rate", "0.001", "--model.muon_lr", "0.01", "--model.weight_decay", "0.05"]
+    run_cli("fit", "--ckpt_path", "last", *lower)
+
+    run = workdir / "lightning_logs" / "run"
+    before = [OPTIM["learning_rate"] * lr_factor(s, 4, 8, 0.1) for s in range(4)]
+    after = [0.001 * lr_factor(s, 4, 8, OPTIM["min_lr"] / 0.001) for s in range(4, 8)]
+    assert lrs(run, "no_decay") == pytest.approx(before + after, rel=1e-5)
+    if optimizer == "muon":
+        muon = [0.02 * lr_factor(s, 4, 8, 0.1) for s in range(4)] + [
+            0.01 * lr_factor(s, 4, 8, 0.3) for s in range(4, 8)
+        ]
+        assert lrs(run, "muon") == pytest.approx(muon, rel=1e-5)
+    groups = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["optimizer_states"][0]["param_groups"]
+    peaks = {"muon": 0.01}
+    assert [g["initial_lr"] for g in groups] == [peaks.get(g["name"], 0.001) for g in groups]
+    decays = {"muon": 0.0, "decay": 0.05, "head": 0.05}
+    assert [g["weight_decay"] for g in groups] == [decays.get(g["name"], 0.0) for g in groups]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gptlit: learning_rate")]
+    assert lines == ["gptlit: learning_rate 0.003 → 0.001, muon_lr 0.02 → 0.01, weight_decay 0.1 → 0.05 from step 4"]
+    saved = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    assert (saved["learning_rate"], saved["muon_lr"], saved["weight_decay"]) == (0.001, 0.01, 0.05)
+
+
+def test_a_finished_wsd_run_extends_from_its_stable_checkpoint_and_decays_once(
+    workdir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """16 steps decaying over the last 8; extended to 24 from stable.ckpt: the peak until step 12, one decay to the
+    minimum at step 23. Every fit ends with a validation of its last step (val_check_interval 6 divides neither)."""
+    config = write_config(workdir, max_steps=16, val_check_interval=6)
+    run_cli("fit", "--config", str(config), "--model.schedule", "wsd", "--model.decay_fraction", "0.5")
+    run, peak = workdir / "lightning_logs" / "run", OPTIM["learning_rate"]
+    assert step_of(run / "checkpoints" / "stable.ckpt") == 8  # the state before the first step below the peak
+    assert [step for step, _ in scalars(run)["val/loss"]] == [5, 11, 15]
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["gptlit"]["metrics"]["val/loss"] == pytest.approx(scalars(run)["val/loss"][-1][1])
+
+    # From last.ckpt, past the decay's start: refused in one line, and nothing changes.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        run_cli("fit", "--ckpt_path", "last", "--trainer.max_steps", "24")
+    assert refused.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "past the start of its learning-rate decay (step 8 of 16)" in line
+    assert "--ckpt_path stable --trainer.max_steps 24" in line
+    assert step_of(run / "checkpoints" / "last.ckpt") == 16
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_steps"] == 16
+
+    run_cli("fit", "--ckpt_path", "stable", "--trainer.max_steps", "24")
+    expected = [peak * wsd_factor(s, 4, 24, 0.1, 0.5) for s in range(24)]
+    logged = lrs(run, "no_decay")
+    assert logged == pytest.approx(expected, rel=1e-5)
+    assert logged[8:12] == pytest.approx([peak] * 4) and logged[23] == pytest.approx(OPTIM["min_lr"])
+    assert step_of(run / "checkpoints" / "stable.ckpt") == 12
+    assert step_of(run / "checkpoints" / "last.ckpt") == 24
+    assert [step for step, _ in scalars(run)["val/loss"]] == [5, 11, 17, 23]
+    assert [step for step, _ in scalars(run)["train/loss"]] == list(range(24))
+
+
+def test_extending_past_a_begun_decay_without_a_stable_checkpoint_says_so(tmp_path: Path) -> None:
+    checkpoint = {
+        "global_step": 36,
+        "hyper_parameters": {"schedule": "wsd", "warmup": 0.1, "decay_fraction": 0.2},
+        "gptlit": {"total_steps": 40},
+    }
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(UsageError, match=r"step 32 of 40.*there is no \S+stable\.ckpt.*--trainer\.max_steps 40"):
+        check_decay_not_begun(checkpoint, "wsd", 80, last, "last")
+    check_decay_not_begun(checkpoint, "wsd", 40, last, "last")  # a plain resume
+    check_decay_not_begun({**checkpoint, "global_step": 32}, "wsd", 80, last, "last")  # at the decay's start
+    check_decay_not_begun(checkpoint, "cosine", 80, last, "last")  # another schedule now: the user's choice
