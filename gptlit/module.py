@@ -312,7 +312,8 @@ class GPTLitModule(L.LightningModule):
                     group["initial_lr" if key == "lr" else key] = built[key]
             scheduler.base_lrs = [group["initial_lr"] for group in scheduler.optimizer.param_groups]
         planned = self.budget_plan is not None  # a time budget lays out its own length
-        if not planned and resumed["total_steps"] not in (None, self._total_steps()):  # cosine: laid over the new length
+        # cosine: laid over the new length
+        if not planned and resumed["total_steps"] not in (None, self._total_steps()):
             changes["max_steps"] = (resumed["total_steps"], self._total_steps())
         if changes and self.trainer.is_global_zero:
             changed = ", ".join(f"{name} {_shown(old)} → {_shown(new)}" for name, (old, new) in changes.items())
