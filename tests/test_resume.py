@@ -176,7 +176,8 @@ def test_a_finished_wsd_run_extends_from_its_stable_checkpoint_and_decays_once(
     with pytest.raises(SystemExit) as refused:
         run_cli("fit", "--ckpt_path", "last", "--trainer.max_steps", "24")
     assert refused.value.code == 1
-    (line,) = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gptlit: error:")]
+    (line,) = errors
     assert "past the start of its learning-rate decay (step 8 of 16)" in line
     assert "--ckpt_path stable --trainer.max_steps 24" in line
     assert step_of(run / "checkpoints" / "last.ckpt") == 16
