@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import tiny_model
 
+from gptlit.layers import GeluMLP
 from gptlit.optim import Muon, MuonAdamW, build_adamw, build_muon, lr_factor, parameter_groups, wsd_factor
 
 MUON = dict(muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.01, muon_adjust_lr="original")
@@ -120,3 +121,29 @@ def test_a_fused_matrix_is_orthogonalized_block_by_block_as_the_matrices_it_stan
         fused_optimizer.step()
         apart_optimizer.step()
     torch.testing.assert_close(fused.detach(), torch.cat([p.detach() for p in apart]), rtol=0, atol=1e-6)
+
+
+class WidenedFc(GeluMLP):
+    """A gated MLP that widens fc to [gate; up] by hand instead of declaring its two blocks."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.fc = torch.nn.Linear(config.embed_dim, 2 * config.hidden_size)
+
+
+class Undeclared(torch.nn.Module):
+    """A layer written from scratch, with no row_blocks at all."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(config.embed_dim, config.embed_dim)
+
+
+@pytest.mark.parametrize("layer", [WidenedFc, Undeclared])
+def test_muon_refuses_a_linear_layer_whose_row_blocks_are_not_declared(layer):
+    """A fused matrix Muon would orthogonalize as one, unnoticed: refused instead, naming the layer."""
+    model = tiny_model()
+    model.blocks[1].mlp = layer(model.config)
+    name = "fc" if layer is WidenedFc else "up"
+    with pytest.raises(TypeError, match=rf"{layer.__name__}\.{name} \(\d+ rows\) has no row blocks"):
+        build_muon(model, 1e-3, 0.1, (0.9, 0.95), **MUON)
