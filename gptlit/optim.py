@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch import nn
+
+from gptlit.errors import ConfigError
 
 if TYPE_CHECKING:
     from gptlit.model import GPT
@@ -44,10 +46,13 @@ def wsd_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float,
 
 
 def schedule(name: ScheduleName, decay_fraction: float) -> Callable[[int, int, int, float], float]:
-    """The multiplier function of a schedule, as ``f(step, warmup_steps, total_steps, min_ratio)``."""
+    """The multiplier function of a schedule, as ``f(step, warmup_steps, total_steps, min_ratio)``; ConfigError
+    for a name that is not one of `ScheduleName`'s."""
     if name == "wsd":
         return lambda step, warmup, total, min_ratio: wsd_factor(step, warmup, total, min_ratio, decay_fraction)
-    return lr_factor
+    if name == "cosine":
+        return lr_factor
+    raise ConfigError(f"model.schedule must be one of {', '.join(get_args(ScheduleName))}, got {name!r}")
 
 
 def parameter_groups(model: GPT) -> dict[str, list[nn.Parameter]]:

@@ -9,8 +9,9 @@ import pytest
 import torch
 from helpers import tiny_model
 
+from gptlit.errors import ConfigError
 from gptlit.layers import GeluMLP
-from gptlit.optim import Muon, MuonAdamW, build_adamw, build_muon, lr_factor, parameter_groups, wsd_factor
+from gptlit.optim import Muon, MuonAdamW, build_adamw, build_muon, lr_factor, parameter_groups, schedule, wsd_factor
 
 MUON = dict(muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.01, muon_adjust_lr="original")
 
@@ -147,3 +148,10 @@ def test_muon_refuses_a_linear_layer_whose_row_blocks_are_not_declared(layer):
     name = "fc" if layer is WidenedFc else "up"
     with pytest.raises(TypeError, match=rf"{layer.__name__}\.{name} \(\d+ rows\) has no row blocks"):
         build_muon(model, 1e-3, 0.1, (0.9, 0.95), **MUON)
+
+
+def test_an_unknown_schedule_name_is_refused_in_one_line():
+    assert schedule("cosine", 0.2) is lr_factor
+    assert schedule("wsd", 0.5)(9, 0, 10, 0.0) == pytest.approx(0.0)
+    with pytest.raises(ConfigError, match=r"^model\.schedule must be one of cosine, wsd, got 'cosin'$"):
+        schedule("cosin", 0.2)
