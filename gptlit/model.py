@@ -1,6 +1,6 @@
 """A GPT in plain PyTorch: RoPE (or learned positions), causal SDPA attention with a KV cache, an MLP.
 
-The variants of `gptlit.config.GPTConfig`: LayerNorm or RMSNorm; a GELU, SwiGLU or squared-ReLU MLP;
+The variants of `gptlit.config.GPTConfig`: LayerNorm or RMSNorm; the MLPs named in `gptlit.config.MLPS`;
 grouped-query attention (``n_kv_heads``), QK-norm, a head tied to the embedding or not. The layers (norms,
 attention with its KV cache, MLPs: each variant one class, registered under its config name) are in
 `gptlit/layers.py`, the rotary embeddings in `gptlit/rope.py`; here the Block and the GPT assemble them.
