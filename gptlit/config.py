@@ -33,7 +33,7 @@ def gated_hidden(embed_dim: int) -> int:
 # registered under a name missing here fails at import; tests/test_layers.py checks every name has its class).
 NORMS = ("layernorm", "rmsnorm")
 # Each MLP's name and its default hidden width (mlp_hidden null), a function of embed_dim.
-MLPS = {"gelu": ungated_hidden, "swiglu": gated_hidden, "relu2": ungated_hidden}
+MLPS = {"gelu": ungated_hidden, "swiglu": gated_hidden, "relu2": ungated_hidden, "geglu": gated_hidden}
 NormType = Literal[NORMS]  # the choices that --help lists and the parser checks
 MLPType = Literal[tuple(MLPS)]
 
@@ -53,9 +53,10 @@ class GPTConfig:
         norm_type: ``layernorm`` or ``rmsnorm``.
         bias: Biases in the linear layers and LayerNorms.
         rope_base: Base of the RoPE frequencies.
-        mlp: ``gelu`` (GPT-2), ``swiglu`` (gated SiLU, Llama) or ``relu2`` (squared ReLU).
-        mlp_hidden: Hidden width of the MLP; null: 4 * embed_dim for gelu and relu2, and for the gated swiglu
-            8/3 * embed_dim rounded up to a multiple of 32 (the same parameter count as 4 * embed_dim ungated).
+        mlp: ``gelu`` (GPT-2), ``swiglu`` (gated SiLU, Llama), ``relu2`` (squared ReLU) or ``geglu`` (gated
+            exact GELU; no transformers architecture is exactly it, so it does not export).
+        mlp_hidden: Hidden width of the MLP; null: 4 * embed_dim for gelu and relu2, and for the gated swiglu and
+            geglu 8/3 * embed_dim rounded up to a multiple of 32 (the same parameter count as 4 * embed_dim ungated).
         n_kv_heads: Key/value heads, shared by groups of query heads (grouped-query attention; 1 is multi-query);
             null: n_heads. The KV cache holds n_kv_heads heads.
         qk_norm: RMSNorm of each head's queries and keys before RoPE (Qwen3).

@@ -251,3 +251,15 @@ class SwiGLU(GatedMLP, name="swiglu"):
 
     def gate(self, g: torch.Tensor) -> torch.Tensor:
         return F.silu(g)
+
+
+class GeGLU(GatedMLP, name="geglu"):
+    """GELU-gated (Shazeer, 2020), with the exact GELU."""
+
+    not_exported = (
+        "Gemma's GELU-gated MLP is the tanh approximation of GELU, and Gemma scales its embeddings by "
+        "sqrt(embed_dim) and its RMSNorm by 1 + gain"
+    )
+
+    def gate(self, g: torch.Tensor) -> torch.Tensor:
+        return F.gelu(g)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
+import torch.nn.functional as F
 from helpers import tiny_model
 
 from gptlit.config import MLPS, NORMS, GPTConfig
@@ -58,3 +60,13 @@ def test_every_variant_says_whether_it_exports_and_if_not_why():
     for attention in ATTENTIONS:
         config = GPTConfig(n_heads=4, embed_dim=32, **attention)
         assert set(CausalSelfAttention.exports(config)) <= set(ARCHITECTURES)
+
+
+def test_geglu_gates_up_by_the_exact_gelu_of_gate():
+    mlp = tiny_model(mlp="geglu").blocks[0].mlp
+    hidden = mlp.proj.in_features
+    assert type(mlp).__name__ == "GeGLU" and mlp.fc.out_features == 2 * hidden
+    h = torch.randn(3, 2 * hidden)
+    gate, up = h.chunk(2, dim=-1)
+    torch.testing.assert_close(mlp.activation(h), F.gelu(gate) * up, rtol=0, atol=0)
+    assert not torch.allclose(mlp.activation(h), F.gelu(gate, approximate="tanh") * up, rtol=0, atol=1e-6)

@@ -124,6 +124,24 @@ def test_a_fused_matrix_is_orthogonalized_block_by_block_as_the_matrices_it_stan
     torch.testing.assert_close(fused.detach(), torch.cat([p.detach() for p in apart]), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("mlp", ["swiglu", "geglu"])
+def test_muon_orthogonalizes_a_gated_mlps_gate_and_up_apart(mlp):
+    model = tiny_model(mlp=mlp).train()
+    optimizer = build_muon(model, 1e-3, 0.1, (0.9, 0.95), **MUON)
+    fc = model.blocks[0].mlp.fc.weight
+    x, y = torch.randint(0, model.config.vocab_size, (2, 2, 16), generator=torch.Generator().manual_seed(0))
+    model.loss(x, y).backward()
+    gate_and_up = [torch.nn.Parameter(w.detach().clone()) for w in fc.chunk(2)]
+    for p, g in zip(gate_and_up, fc.grad.chunk(2), strict=True):
+        p.grad = g.clone()
+    optimizer.step()
+    Muon(gate_and_up, ns_dtype=torch.float32, lr=0.02, momentum=0.95, weight_decay=0.01).step()
+    torch.testing.assert_close(fc.detach(), torch.cat([p.detach() for p in gate_and_up]), rtol=0, atol=1e-6)
+    before = copy.deepcopy(model.state_dict())
+    train(model, optimizer, 2)
+    assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # a few steps train them all
+
+
 class WidenedFc(GeluMLP):
     """A gated MLP that widens fc to [gate; up] by hand instead of declaring its two blocks."""
 
