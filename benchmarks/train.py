@@ -149,7 +149,7 @@ def autograd_rope(run: Callable[[], float]) -> Callable[[], float]:
     path) instead of its hand-written gradient (``RotaryQKV``): what that gradient gains."""
 
     def patched() -> float:
-        with mock.patch("gptlit.model.split_heads", split_and_rotate):
+        with mock.patch("gptlit.layers.split_heads", split_and_rotate):
             return run()
 
     return patched

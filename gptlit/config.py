@@ -1,8 +1,9 @@
 """The model's shape, in one small dataclass: every model option is declared here, once.
 
 `GPTLitModule` takes a `GPTConfig` (``model.config`` in YAML and on the command line), and a checkpoint
-carries it. A new variant is a field here, its code in `gptlit/model.py`, and its export mapping in
-`gptlit/hf_mapping.py`.
+carries it. The names of the norm and MLP variants are listed here, once: each is one class in
+`gptlit/layers.py` registered under its name, which declares what the optimizer and the export need of it.
+This module imports no torch, so that reading a config (and ``import gptlit``) stays light.
 """
 
 from __future__ import annotations
@@ -13,10 +14,28 @@ from typing import Literal
 
 from gptlit.errors import ConfigError
 
-NormType = Literal["layernorm", "rmsnorm"]
-MLPType = Literal["gelu", "swiglu", "relu2"]
-# SwiGLU's default hidden width, 8/3 of embed_dim, is rounded up to a multiple of this (as llama2.c does).
-SWIGLU_MULTIPLE = 32
+# A gated MLP's default hidden width, 8/3 of embed_dim, is rounded up to a multiple of this (as llama2.c does).
+GATED_MULTIPLE = 32
+
+
+def ungated_hidden(embed_dim: int) -> int:
+    """4 x embed_dim: GPT-2's MLP width."""
+    return 4 * embed_dim
+
+
+def gated_hidden(embed_dim: int) -> int:
+    """8/3 x embed_dim rounded up to a multiple of 32: a gated MLP's three matrices hold as many parameters as
+    an ungated MLP's two of 4 x embed_dim."""
+    return GATED_MULTIPLE * math.ceil(8 * embed_dim / 3 / GATED_MULTIPLE)
+
+
+# The variants by their config names. Each name is one class in gptlit/layers.py registered under it (a class
+# registered under a name missing here fails at import; tests/test_layers.py checks every name has its class).
+NORMS = ("layernorm", "rmsnorm")
+# Each MLP's name and its default hidden width (mlp_hidden null), a function of embed_dim.
+MLPS = {"gelu": ungated_hidden, "swiglu": gated_hidden, "relu2": ungated_hidden, "geglu": gated_hidden}
+NormType = Literal[NORMS]  # the choices that --help lists and the parser checks
+MLPType = Literal[tuple(MLPS)]
 
 
 @dataclass(frozen=True)
@@ -34,9 +53,10 @@ class GPTConfig:
         norm_type: ``layernorm`` or ``rmsnorm``.
         bias: Biases in the linear layers and LayerNorms.
         rope_base: Base of the RoPE frequencies.
-        mlp: ``gelu`` (GPT-2), ``swiglu`` (gated SiLU, Llama) or ``relu2`` (squared ReLU).
-        mlp_hidden: Hidden width of the MLP; null: 4 * embed_dim for gelu and relu2, and for swiglu
-            8/3 * embed_dim rounded up to a multiple of 32 (the same parameter count as 4 * embed_dim ungated).
+        mlp: ``gelu`` (GPT-2), ``swiglu`` (gated SiLU, Llama), ``relu2`` (squared ReLU) or ``geglu`` (gated
+            exact GELU; no transformers architecture is exactly it, so it does not export).
+        mlp_hidden: Hidden width of the MLP; null: 4 * embed_dim for gelu and relu2, and for the gated swiglu and
+            geglu 8/3 * embed_dim rounded up to a multiple of 32 (the same parameter count as 4 * embed_dim ungated).
         n_kv_heads: Key/value heads, shared by groups of query heads (grouped-query attention; 1 is multi-query);
             null: n_heads. The KV cache holds n_kv_heads heads.
         qk_norm: RMSNorm of each head's queries and keys before RoPE (Qwen3).
@@ -78,7 +98,7 @@ class GPTConfig:
                 f"GPTConfig: RoPE needs an even head size, got embed_dim/n_heads = {self.head_size}; "
                 "change embed_dim or n_heads, or set use_rope=False"
             )
-        for name, allowed in (("norm_type", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu", "relu2"))):
+        for name, allowed in (("norm_type", NORMS), ("mlp", tuple(MLPS))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"GPTConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -98,11 +118,7 @@ class GPTConfig:
     @property
     def hidden_size(self) -> int:
         """The MLP's hidden width (see ``mlp_hidden``)."""
-        if self.mlp_hidden is not None:
-            return self.mlp_hidden
-        if self.mlp == "swiglu":
-            return SWIGLU_MULTIPLE * math.ceil(8 * self.embed_dim / 3 / SWIGLU_MULTIPLE)
-        return 4 * self.embed_dim
+        return self.mlp_hidden if self.mlp_hidden is not None else MLPS[self.mlp](self.embed_dim)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -14,6 +14,7 @@ stores its linear weights transposed (Conv1D). No transformers import is needed 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import torch
 
 from gptlit.config import GPTConfig
 from gptlit.errors import UsageError
+from gptlit.layers import MLP, CausalSelfAttention, Norm
 
 EXPORTABLE = (
     "RoPE + LayerNorm + gelu/relu2 MLP + n_kv_heads = n_heads (GPT-NeoX); learned positions + LayerNorm + "
@@ -35,23 +37,33 @@ ARCHITECTURES = {
 
 
 def hf_model_type(config: GPTConfig) -> str:
-    """The transformers ``model_type`` that is exactly ``config``; UsageError naming what exports otherwise."""
+    """The transformers ``model_type`` that is exactly ``config``: the one that each part of the model (its
+    norm, attention and MLP, as `gptlit.layers` declares them; positions; biases) exports to. UsageError
+    naming what exports otherwise, and why a part exports nowhere when its class says."""
     c = config
-    if c.norm_type == "layernorm" and c.mlp in ("gelu", "relu2") and c.kv_heads == c.n_heads and not c.qk_norm:
-        return "gpt_neox" if c.use_rope else "gpt2"
-    if c.use_rope and c.norm_type == "rmsnorm" and c.mlp == "swiglu" and not (c.qk_norm and c.bias):
-        return "qwen3" if c.qk_norm else "llama"
+    norm, mlp = Norm.named(c.norm_type), MLP.named(c.mlp)
+    parts = (
+        ("gpt2",) if not c.use_rope else ("gpt_neox", "llama", "qwen3"),  # GPT-2 alone has learned positions
+        ("gpt_neox", "gpt2", "llama") if c.bias else tuple(ARCHITECTURES),  # Qwen3's MLP has no biases
+        norm.exports,
+        CausalSelfAttention.exports(c),
+        mlp.exports,
+    )
+    for model_type in ARCHITECTURES:
+        if all(model_type in exports for exports in parts):
+            return model_type
     variant = (
         f"use_rope={c.use_rope}, norm_type={c.norm_type}, mlp={c.mlp}, n_kv_heads={c.n_kv_heads}, "
         f"qk_norm={c.qk_norm}, bias={c.bias}"
     )
-    raise UsageError(f"no transformers architecture is exactly this model ({variant}); these export: {EXPORTABLE}")
+    why = f"mlp {c.mlp}: {mlp.not_exported}; " if mlp.not_exported else ""
+    raise UsageError(f"no transformers architecture is exactly this model ({variant}); {why}these export: {EXPORTABLE}")
 
 
 def hf_config_dict(config: GPTConfig, bos_id: int = 1, eos_id: int = 2, pad_id: int = 0) -> dict:
     """The ``config.json`` of the transformers model that is exactly ``config``."""
     model_type = hf_model_type(config)
-    c = config
+    c, mlp_act = config, MLP.named(config.mlp).hf_act
     common = {
         "architectures": [ARCHITECTURES[model_type]],
         "model_type": model_type,
@@ -75,13 +87,13 @@ def hf_config_dict(config: GPTConfig, bos_id: int = 1, eos_id: int = 2, pad_id: 
         "attention_dropout": 0.0,
     }
     if model_type == "gpt_neox":
-        neox = {"hidden_act": c.mlp, "layer_norm_eps": 1e-5, "use_parallel_residual": False, "hidden_dropout": 0.0}
+        neox = {"hidden_act": mlp_act, "layer_norm_eps": 1e-5, "use_parallel_residual": False, "hidden_dropout": 0.0}
         return {**common, **shape, **rope, **neox, "attention_bias": c.bias, "rotary_pct": 1.0,
                 "rotary_emb_base": c.rope_base}  # fmt: skip
     llama = {
         "num_key_value_heads": c.kv_heads,
         "head_dim": c.head_size,
-        "hidden_act": "silu",
+        "hidden_act": mlp_act,
         "rms_norm_eps": 1e-5,
         "attention_bias": c.bias,
     }
@@ -102,7 +114,7 @@ def _gpt2_config(c: GPTConfig) -> dict:
         "n_layer": c.n_layers,
         "n_head": c.n_heads,
         "n_inner": c.hidden_size,
-        "activation_function": c.mlp,  # "gelu": the exact GELU, not GPT-2's own tanh approximation
+        "activation_function": MLP.named(c.mlp).hf_act,  # "gelu": the exact GELU, not GPT-2's tanh approximation
         "layer_norm_epsilon": 1e-5,
         "resid_pdrop": 0.0,
         "embd_pdrop": 0.0,
@@ -167,14 +179,15 @@ def _gpt2_links(c: GPTConfig) -> Iterator[Link]:
 
 
 def _llama_links(c: GPTConfig) -> Iterator[Link]:
-    q, kv, hidden = c.n_heads * c.head_size, c.kv_heads * c.head_size, c.hidden_size
+    q, k, v = row_ranges(CausalSelfAttention.row_blocks(c)["qkv"])
+    gate, up = row_ranges(MLP.named(c.mlp).row_blocks(c)["fc"])
     blocks = {  # their projection: (our layer, rows of it)
-        "self_attn.q_proj": ("attn.qkv", (0, q)),
-        "self_attn.k_proj": ("attn.qkv", (q, q + kv)),
-        "self_attn.v_proj": ("attn.qkv", (q + kv, q + 2 * kv)),
+        "self_attn.q_proj": ("attn.qkv", q),
+        "self_attn.k_proj": ("attn.qkv", k),
+        "self_attn.v_proj": ("attn.qkv", v),
         "self_attn.o_proj": ("attn.proj", None),
-        "mlp.gate_proj": ("mlp.fc", (0, hidden)),
-        "mlp.up_proj": ("mlp.fc", (hidden, 2 * hidden)),
+        "mlp.gate_proj": ("mlp.fc", gate),
+        "mlp.up_proj": ("mlp.fc", up),
         "mlp.down_proj": ("mlp.proj", None),
     }
     yield Link("model.embed_tokens.weight", "wte.weight")
@@ -191,6 +204,12 @@ def _llama_links(c: GPTConfig) -> Iterator[Link]:
             yield Link(f"{theirs}.self_attn.k_norm.weight", f"{ours}.attn.k_norm.weight")
     if not c.tie_embeddings:
         yield Link("lm_head.weight", "lm_head.weight")
+
+
+def row_ranges(blocks: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(start, end) rows of each block of a fused weight, from its block sizes (a layer's ``row_blocks``)."""
+    ends = list(itertools.accumulate(blocks))
+    return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
 def _norm_links(theirs: str, ours: str, c: GPTConfig) -> Iterator[Link]:

@@ -1,8 +1,9 @@
 """A GPT in plain PyTorch: RoPE (or learned positions), causal SDPA attention with a KV cache, an MLP.
 
-The variants of `gptlit.config.GPTConfig`: LayerNorm or RMSNorm; a GELU, SwiGLU or squared-ReLU MLP;
-grouped-query attention (``n_kv_heads``), QK-norm, a head tied to the embedding or not. Modules are defined
-leaf-first: norms, the KV cache, attention, MLP, Block, GPT; the rotary embeddings are in `gptlit/rope.py`.
+The variants of `gptlit.config.GPTConfig`: LayerNorm or RMSNorm; the MLPs named in `gptlit.config.MLPS`;
+grouped-query attention (``n_kv_heads``), QK-norm, a head tied to the embedding or not. The layers (norms,
+attention with its KV cache, MLPs: each variant one class, registered under its config name) are in
+`gptlit/layers.py`, the rotary embeddings in `gptlit/rope.py`; here the Block and the GPT assemble them.
 Nothing here imports Lightning: the model can be used, tested and exported on its own.
 """
 
@@ -15,124 +16,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gptlit.checkpoint import model_state_dict, read_checkpoint
 from gptlit.config import GPTConfig
 from gptlit.errors import UsageError
+from gptlit.layers import MLP, CausalSelfAttention, KVCache, Norm
 from gptlit.loss import chunked_cross_entropy
-from gptlit.rope import build_rope_cache, split_heads
+from gptlit.rope import build_rope_cache
 
 if TYPE_CHECKING:
     from gptlit.draft import NgramTable
-
-
-NORM_EPS = 1e-5
-
-
-def build_norm(config: GPTConfig) -> nn.Module:
-    if config.norm_type == "rmsnorm":
-        return nn.RMSNorm(config.embed_dim, eps=NORM_EPS)
-    return nn.LayerNorm(config.embed_dim, eps=NORM_EPS, bias=config.bias)
-
-
-class KVCache(nn.Module):
-    """Keys and values of every position seen so far, preallocated for (batch, max length), n_kv_heads heads.
-
-    The buffers are non-persistent: they never enter a state_dict or a checkpoint.
-    """
-
-    def __init__(self, batch_size: int, n_heads: int, max_seq_len: int, head_size: int, device, dtype) -> None:
-        super().__init__()
-        shape = (batch_size, n_heads, max_seq_len, head_size)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-
-    def forward(
-        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, nkv, T, hs) at positions input_pos (T,); return the first ``length`` positions of
-        the cache (B, nkv, length, hs), all of it by default."""
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k[:, :, :length], self.v[:, :, :length]
-
-
-class CausalSelfAttention(nn.Module):
-    """Causal self-attention; with n_kv_heads < n_heads, each key/value head serves a group of query heads."""
-
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.n_heads, self.n_kv_heads = config.n_heads, config.kv_heads
-        self.head_size = config.head_size
-        self.dropout = config.dropout
-        # One matmul for q, k and v; rows are laid out [q; k; v]: n_heads, n_kv_heads and n_kv_heads heads.
-        qkv_size = (self.n_heads + 2 * self.n_kv_heads) * self.head_size
-        self.qkv = nn.Linear(config.embed_dim, qkv_size, bias=config.bias)
-        self.proj = nn.Linear(config.embed_dim, config.embed_dim, bias=config.bias)
-        # QK-norm: each head's queries and keys RMS-normalized (a gain per channel) before RoPE.
-        self.q_norm = nn.RMSNorm(self.head_size, eps=NORM_EPS) if config.qk_norm else None
-        self.k_norm = nn.RMSNorm(self.head_size, eps=NORM_EPS) if config.qk_norm else None
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.kv_cache: KVCache | None = None
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        input_pos: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-        cache_len: int | None = None,
-    ) -> torch.Tensor:
-        B, T, C = x.shape
-        norms = (self.q_norm, self.k_norm) if self.q_norm is not None else None
-        q, k, v = split_heads(
-            self.qkv(x), self.n_heads, self.n_kv_heads, rope, norms
-        )  # q (B, nh, T, hs), k, v (B, nkv, T, hs)
-        grouped = self.n_kv_heads != self.n_heads
-        if input_pos is None:
-            # Training and uncached inference: plain causal attention over these T tokens.
-            dropout_p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=grouped)
-        else:
-            if self.kv_cache is None:
-                raise RuntimeError("forward with input_pos needs a KV cache: call model.set_kv_cache(batch_size)")
-            k, v = self.kv_cache(input_pos, k, v, cache_len)  # (B, nkv, L, hs)
-            # mask (T, L) is True where a query may attend: positions not yet written are never seen.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=grouped)  # (B, nh, T, hs)
-
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
-        return self.resid_dropout(self.proj(y))
-
-
-def swiglu(h: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) * up, of h = [gate, up] (..., 2H) -> (..., H)."""
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def relu2(h: torch.Tensor) -> torch.Tensor:
-    return F.relu(h).square()
-
-
-ACTIVATIONS = {"gelu": F.gelu, "relu2": relu2, "swiglu": swiglu}
-
-
-class MLP(nn.Module):
-    """proj(activation(fc(x))). For SwiGLU, fc computes the gate and the up projection in one matmul: its rows
-    are [gate; up], each hidden_size wide."""
-
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        hidden = config.hidden_size
-        self.fc = nn.Linear(config.embed_dim, (2 if config.mlp == "swiglu" else 1) * hidden, bias=config.bias)
-        self.activation = ACTIVATIONS[config.mlp]
-        self.proj = nn.Linear(hidden, config.embed_dim, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(self.activation(self.fc(x))))  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -140,10 +34,10 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.norm_1 = build_norm(config)
+        self.norm_1 = Norm.named(config.norm_type)(config)
         self.attn = CausalSelfAttention(config)
-        self.norm_2 = build_norm(config)
-        self.mlp = MLP(config)
+        self.norm_2 = Norm.named(config.norm_type)(config)
+        self.mlp = MLP.named(config.mlp)(config)
 
     def forward(self, x, rope, input_pos=None, mask=None, cache_len=None) -> torch.Tensor:
         x = x + self.attn(self.norm_1(x), rope, input_pos, mask, cache_len)
@@ -164,7 +58,7 @@ class GPT(nn.Module):
         self.wpe = None if config.use_rope else nn.Embedding(config.block_size, config.embed_dim)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm_f = build_norm(config)
+        self.norm_f = Norm.named(config.norm_type)(config)
         self.lm_head = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # tied: one matrix embeds and un-embeds tokens

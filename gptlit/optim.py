@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch import nn
+
+from gptlit.errors import ConfigError
 
 if TYPE_CHECKING:
     from gptlit.model import GPT
@@ -53,10 +55,13 @@ def wsd_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float,
 
 
 def schedule(name: ScheduleName, decay_fraction: float) -> Callable[[int, int, int, float], float]:
-    """The multiplier function of a schedule, as ``f(step, warmup_steps, total_steps, min_ratio)``."""
+    """The multiplier function of a schedule, as ``f(step, warmup_steps, total_steps, min_ratio)``; ConfigError
+    for a name that is not one of `ScheduleName`'s."""
     if name == "wsd":
         return lambda step, warmup, total, min_ratio: wsd_factor(step, warmup, total, min_ratio, decay_fraction)
-    return lr_factor
+    if name == "cosine":
+        return lr_factor
+    raise ConfigError(f"model.schedule must be one of {', '.join(get_args(ScheduleName))}, got {name!r}")
 
 
 def parameter_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
@@ -144,7 +149,7 @@ class Muon(torch.optim.Muon):
 
     torch runs the iteration in bfloat16 always: right on a GPU, but a CPU without bfloat16 units (AVX2, as
     the AMD EPYC of benchmarks/README.md) runs those products some 40x slower than float32, and Muon's steps
-    took 7x AdamW's there. gptlit fuses q, k and v into one matrix, and SwiGLU's gate and up: ``row_blocks``
+    took 7x AdamW's there. gptlit fuses q, k and v into one matrix, and a gated MLP's gate and up: ``row_blocks``
     names the row blocks of such a matrix, each orthogonalized (and its rate scaled) as the matrix it stands
     for. In bfloat16 and without row blocks, this step is torch's own, operation for operation.
 
@@ -233,15 +238,28 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 def fused_row_blocks(model: GPT) -> dict[int, tuple[int, ...]]:
-    """The row blocks of the model's fused matrices, by parameter identity: [q; k; v] of each attention, and
-    [gate; up] of each SwiGLU MLP."""
-    config, blocks = model.config, {}
-    q, kv = config.n_heads * config.head_size, config.kv_heads * config.head_size
-    for block in model.blocks:
-        blocks[id(block.attn.qkv.weight)] = (q, kv, kv)
-        if config.mlp == "swiglu":
-            blocks[id(block.mlp.fc.weight)] = (config.hidden_size, config.hidden_size)
-    return blocks
+    """The row blocks of the model's fused matrices, by parameter identity, as each layer of the blocks declares
+    them in its ``row_blocks`` (`gptlit.layers`): [q; k; v] of each attention, [gate; up] of a gated MLP.
+
+    Every linear layer must be declared, fused or not, with blocks that add up to its rows: a layer without a
+    declaration is refused (TypeError), so that a new fused matrix cannot be orthogonalized as one unnoticed.
+    """
+    fused = {}
+    for module in model.blocks.modules():
+        linears = {name: child for name, child in module.named_children() if isinstance(child, nn.Linear)}
+        declare = getattr(type(module), "row_blocks", None)
+        declared = declare(model.config) if linears and declare is not None else {}
+        for name, linear in linears.items():
+            rows = declared.get(name)
+            if rows is None or sum(rows) != linear.out_features:
+                raise TypeError(
+                    f"{type(module).__name__}.{name} ({linear.out_features} rows) has no row blocks that add up "
+                    f"to its rows in {type(module).__name__}.row_blocks (declared: {rows}): declare its matrices "
+                    "there, one block each, so that Muon orthogonalizes them apart"
+                )
+            if len(rows) > 1:
+                fused[id(linear.weight)] = rows
+    return fused
 
 
 def build_muon(

@@ -23,15 +23,17 @@ from gptlit.model import GPT
 from gptlit.sources import TXT_SEPARATOR
 
 VOCAB = 97  # of tiny_model
-# Decoding is checked on both kinds of positions and on a Llama/Qwen3-like variant with a grouped KV cache.
+# Decoding is checked on both kinds of positions, on a Llama/Qwen3-like variant with a grouped KV cache, and on
+# the GELU-gated MLP.
 ARCHITECTURES = pytest.mark.parametrize(
     "arch",
     [
         dict(use_rope=True),
         dict(use_rope=False),
         dict(norm_type="rmsnorm", mlp="swiglu", n_kv_heads=2, qk_norm=True, tie_embeddings=False),
+        dict(mlp="geglu"),
     ],
-    ids=["rope", "learned", "gqa-qknorm"],
+    ids=["rope", "learned", "gqa-qknorm", "geglu"],
 )
 MODEL = {"block_size": 32, "embed_dim": 32, "n_heads": 2, "n_layers": 2, "dropout": 0.0}
 OPTIM = {"learning_rate": 3e-3, "min_lr": 3e-4, "warmup": 4}

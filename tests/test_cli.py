@@ -15,6 +15,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from gptlit.cli import GPTLitCLI, make_cli
+from gptlit.config import MLPS, NORMS
 from gptlit.errors import DataError
 from gptlit.model import Block
 from gptlit.module import GPTLitModule
@@ -158,6 +159,9 @@ def test_python_dash_m_gptlit_help_lists_the_documented_options() -> None:
         "--checkpoint.every_n_train_steps",
     ):
         assert option in out
+    # The variants' choices, from the one list of their names.
+    assert f"--model.config.mlp {{{','.join(MLPS)}}}" in out and "geglu" in MLPS
+    assert f"--model.config.norm_type {{{','.join(NORMS)}}}" in out
 
 
 def test_a_bug_keeps_its_traceback_and_gptlit_errors_are_one_line(monkeypatch, capsys) -> None:

@@ -149,6 +149,7 @@ def test_the_neox_layout_is_interleaved_per_head():
         dict(use_rope=False, norm_type="rmsnorm", mlp="swiglu"),  # Llama with learned positions
         dict(norm_type="rmsnorm", mlp="swiglu", qk_norm=True),  # Qwen3's MLP has no bias
         dict(qk_norm=True),
+        dict(norm_type="rmsnorm", mlp="geglu", bias=False),  # Llama's shape with GELU gating: Gemma is not it
     ],
     ids=str,
 )
@@ -157,3 +158,9 @@ def test_variants_without_an_exact_architecture_are_refused_naming_those_that_ex
     for convert in (lambda: hf_config_dict(config), lambda: to_hf_state_dict(GPT(config).state_dict(), config)):
         with pytest.raises(UsageError, match=r"no transformers architecture is exactly this model.*GPT-NeoX.*Qwen3"):
             convert()
+
+
+def test_geglu_is_refused_naming_why():
+    config = GPTConfig(**SHAPE, mlp="geglu", norm_type="rmsnorm", bias=False)
+    with pytest.raises(UsageError, match=r"; mlp geglu: Gemma's GELU-gated MLP is the tanh approximation of GELU"):
+        hf_model_type(config)

@@ -16,6 +16,7 @@ POSITIONS = pytest.mark.parametrize("use_rope", [True, False], ids=["rope", "lea
 VARIANTS = [
     dict(mlp="swiglu"),
     dict(mlp="relu2"),
+    dict(mlp="geglu", norm_type="rmsnorm", bias=False),
     dict(n_kv_heads=2),
     dict(n_kv_heads=1, qk_norm=True),
     dict(tie_embeddings=False),
@@ -52,7 +53,7 @@ def tiny_model(seed: int = 0, **overrides) -> GPT:
         (dict(dropout=1.0), "dropout"),
         (dict(n_heads=4, n_kv_heads=3), "n_kv_heads"),
         (dict(n_kv_heads=0), "n_kv_heads"),
-        (dict(mlp="geglu"), "mlp"),
+        (dict(mlp="reglu"), "mlp"),
         (dict(mlp_hidden=0), "mlp_hidden"),
     ],
 )
@@ -69,14 +70,16 @@ def test_config_rejects_bad_fields(overrides, field):
         (64, "gelu", None, 256),
         (64, "relu2", None, 256),
         (64, "swiglu", 100, 100),
+        (288, "geglu", None, 768),
+        (64, "geglu", 100, 100),
     ],
 )
 def test_mlp_hidden_width_rule(embed_dim, mlp, mlp_hidden, hidden):
-    """SwiGLU: 8/3 of embed_dim rounded up to a multiple of 32 (llama2.c's 15M model: 288 -> 768)."""
+    """SwiGLU and GeGLU: 8/3 of embed_dim rounded up to a multiple of 32 (llama2.c's 15M model: 288 -> 768)."""
     config = tiny_config(embed_dim=embed_dim, mlp=mlp, mlp_hidden=mlp_hidden)
     assert config.hidden_size == hidden
     fc = GPT(config).blocks[0].mlp.fc
-    assert fc.out_features == (2 if mlp == "swiglu" else 1) * hidden
+    assert fc.out_features == (2 if mlp in ("swiglu", "geglu") else 1) * hidden
 
 
 def test_config_odd_head_size_is_fine_without_rope():

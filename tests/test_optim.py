@@ -9,7 +9,9 @@ import pytest
 import torch
 from helpers import tiny_model
 
-from gptlit.optim import Muon, MuonAdamW, build_adamw, build_muon, lr_factor, parameter_groups, wsd_factor
+from gptlit.errors import ConfigError
+from gptlit.layers import GeluMLP
+from gptlit.optim import Muon, MuonAdamW, build_adamw, build_muon, lr_factor, parameter_groups, schedule, wsd_factor
 
 MUON = dict(muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.01, muon_adjust_lr="original")
 
@@ -120,3 +122,54 @@ def test_a_fused_matrix_is_orthogonalized_block_by_block_as_the_matrices_it_stan
         fused_optimizer.step()
         apart_optimizer.step()
     torch.testing.assert_close(fused.detach(), torch.cat([p.detach() for p in apart]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "geglu"])
+def test_muon_orthogonalizes_a_gated_mlps_gate_and_up_apart(mlp):
+    model = tiny_model(mlp=mlp).train()
+    optimizer = build_muon(model, 1e-3, 0.1, (0.9, 0.95), **MUON)
+    fc = model.blocks[0].mlp.fc.weight
+    x, y = torch.randint(0, model.config.vocab_size, (2, 2, 16), generator=torch.Generator().manual_seed(0))
+    model.loss(x, y).backward()
+    gate_and_up = [torch.nn.Parameter(w.detach().clone()) for w in fc.chunk(2)]
+    for p, g in zip(gate_and_up, fc.grad.chunk(2), strict=True):
+        p.grad = g.clone()
+    optimizer.step()
+    Muon(gate_and_up, ns_dtype=torch.float32, lr=0.02, momentum=0.95, weight_decay=0.01).step()
+    torch.testing.assert_close(fc.detach(), torch.cat([p.detach() for p in gate_and_up]), rtol=0, atol=1e-6)
+    before = copy.deepcopy(model.state_dict())
+    train(model, optimizer, 2)
+    assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # a few steps train them all
+
+
+class WidenedFc(GeluMLP):
+    """A gated MLP that widens fc to [gate; up] by hand instead of declaring its two blocks."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.fc = torch.nn.Linear(config.embed_dim, 2 * config.hidden_size)
+
+
+class Undeclared(torch.nn.Module):
+    """A layer written from scratch, with no row_blocks at all."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(config.embed_dim, config.embed_dim)
+
+
+@pytest.mark.parametrize("layer", [WidenedFc, Undeclared])
+def test_muon_refuses_a_linear_layer_whose_row_blocks_are_not_declared(layer):
+    """A fused matrix Muon would orthogonalize as one, unnoticed: refused instead, naming the layer."""
+    model = tiny_model()
+    model.blocks[1].mlp = layer(model.config)
+    name = "fc" if layer is WidenedFc else "up"
+    with pytest.raises(TypeError, match=rf"{layer.__name__}\.{name} \(\d+ rows\) has no row blocks"):
+        build_muon(model, 1e-3, 0.1, (0.9, 0.95), **MUON)
+
+
+def test_an_unknown_schedule_name_is_refused_in_one_line():
+    assert schedule("cosine", 0.2) is lr_factor
+    assert schedule("wsd", 0.5)(9, 0, 10, 0.0) == pytest.approx(0.0)
+    with pytest.raises(ConfigError, match=r"^model\.schedule must be one of cosine, wsd, got 'cosin'$"):
+        schedule("cosin", 0.2)

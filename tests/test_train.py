@@ -145,8 +145,13 @@ def test_gradient_clipping_caps_the_global_norm(workdir: Path, precision: str, o
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "variant",
-    [{}, dict(mlp="relu2", qk_norm=True, tie_embeddings=False), dict(norm_type="rmsnorm", mlp="swiglu", n_kv_heads=1)],
-    ids=["default", "relu2-qknorm-untied", "llama-mqa"],
+    [
+        {},
+        dict(mlp="relu2", qk_norm=True, tie_embeddings=False),
+        dict(norm_type="rmsnorm", mlp="swiglu", n_kv_heads=1),
+        dict(mlp="geglu"),
+    ],
+    ids=["default", "relu2-qknorm-untied", "llama-mqa", "geglu"],
 )
 def test_compiled_module_gives_the_same_loss_gradients_and_checkpoint_keys(variant: dict) -> None:
     torch.manual_seed(0)

@@ -41,9 +41,9 @@ def variant_config(root: Path, name: str, variant: dict) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-def test_a_variant_trains_resumes_samples_and_exports(name: str, workdir: Path, capsys) -> None:
-    variant, architecture = VARIANTS[name]
+def train_resume_and_sample(workdir: Path, name: str, variant: dict, capsys) -> tuple[Path, str]:
+    """Train ``variant`` 8 steps straight, and again stopped by Ctrl-C at step 4 and resumed: the same weights.
+    The resumed run's last checkpoint, and its greedy story of "Lily"."""
     config = variant_config(workdir, name, variant)
     run_cli("fit", "--config", str(config), "--run_name", "straight")
     with pytest.raises(SystemExit):  # Ctrl-C after step 4, then resumed to step 8
@@ -59,6 +59,13 @@ def test_a_variant_trains_resumes_samples_and_exports(name: str, workdir: Path, 
     run_cli("sample", "--ckpt_path", str(ckpt), "--prompt", "Lily", "--temperature", "0", "--max_new_tokens", "24")
     story = capsys.readouterr().out
     assert story.startswith("Lily") and len(story) > len("Lily") + 10
+    return ckpt, story
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_a_variant_trains_resumes_samples_and_exports(name: str, workdir: Path, capsys) -> None:
+    variant, architecture = VARIANTS[name]
+    ckpt, story = train_resume_and_sample(workdir, name, variant, capsys)
 
     out_dir = workdir / "hf"
     run_cli("export", "--ckpt_path", str(ckpt), "--out_dir", str(out_dir))
@@ -78,3 +85,15 @@ def test_a_variant_trains_resumes_samples_and_exports(name: str, workdir: Path, 
     assert AutoTokenizer.from_pretrained(out_dir)("Lily")["input_ids"] == tokenizer.encode("Lily", bos=True)
     text = pipeline("text-generation", model=str(out_dir), device="cpu")("Lily", max_new_tokens=24, do_sample=False)
     assert text[0]["generated_text"] + "\n" == story
+
+
+def test_geglu_trains_resumes_samples_and_its_export_is_refused_in_one_line(workdir: Path, capsys) -> None:
+    ckpt, _ = train_resume_and_sample(workdir, "geglu", dict(mlp="geglu", norm_type="rmsnorm", bias=False), capsys)
+    assert type(load_model(ckpt)[0].blocks[0].mlp).__name__ == "GeGLU"
+    with pytest.raises(SystemExit) as failed:
+        run_cli("export", "--ckpt_path", str(ckpt), "--out_dir", str(workdir / "hf"))
+    assert failed.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("gptlit: error: no transformers architecture is exactly this model") and len(err) == 1
+    assert "mlp geglu: Gemma's GELU-gated MLP is the tanh approximation of GELU" in err[-1]
+    assert not (workdir / "hf").exists()
