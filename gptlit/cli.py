@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 import shutil
 import sys
 import warnings
@@ -97,8 +98,37 @@ def _add_config_of_run(args: list[str]) -> list[str]:
     return [args[0], "--config", str(run / "config.yaml"), "--run_name", run.name, *args[1:]]
 
 
+class RunStopped(SIGTERMException):
+    """A ``fit`` stopped between two batches (SIGTERM, or Ctrl-C) with ``last.ckpt`` saved.
+
+    Args:
+        step: The optimizer step ``last.ckpt`` holds.
+        resume: The command that resumes the run, run from the directory it was started in.
+    """
+
+    def __init__(self, step: int, resume: str) -> None:
+        super().__init__(130)
+        self.step, self.resume = step, resume
+
+
 class GPTLitCLI(KeepConfigOverCheckpoint, LightningCLI):
     """LightningCLI with gptlit's links, checkpoints and run directories."""
+
+    def fit(self, **kwargs) -> None:
+        """``trainer.fit``: LightningCLI runs a method of the CLI named after the subcommand in its place."""
+        try:
+            self.trainer.fit(**kwargs)
+        except SIGTERMException as stop:
+            raise RunStopped(self.trainer.global_step, self.resume_command()) from stop
+
+    def resume_command(self) -> str:
+        """The command line that resumes this run from the current directory: its name, and its root directory
+        unless that is the current one (a resume without ``--config`` reads the run's ``config.yaml`` there)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        words = ["--ckpt_path", "last", "--run_name", config.run_name]
+        if Path(self.run_root).resolve() != Path.cwd().resolve():
+            words += ["--trainer.default_root_dir", str(self.run_root)]
+        return f"{_command(['fit'])} {shlex.join(words)}"
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -262,8 +292,14 @@ def cli_main(args: list[str] | None = None) -> None:
     debug = bool(os.environ.get("GPTLIT_DEBUG"))
     try:
         _run(args)
-    except SIGTERMException:
-        print("gptlit: stopped; resume with `python -m gptlit fit --ckpt_path last`", file=sys.stderr)
+    except RunStopped as stop:
+        if is_rank_zero():
+            resume = f"resume with `{stop.resume}`"
+            print(f"gptlit: stopped at step {stop.step}, saved in last.ckpt; {resume}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except SIGTERMException:  # validate, test or predict: nothing to resume
+        if is_rank_zero():
+            print("gptlit: stopped by SIGTERM", file=sys.stderr)
         raise SystemExit(130) from None
     except ConfigError as err:
         if debug:
