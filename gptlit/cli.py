@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shlex
 import shutil
@@ -17,7 +18,7 @@ from typing import NoReturn
 
 from jsonargparse import ArgumentParser, auto_cli
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ProgressBar, ThroughputMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -29,6 +30,7 @@ from gptlit.errors import ConfigError, GptlitError, UsageError
 from gptlit.export import export
 from gptlit.lightning_private import KeepConfigOverCheckpoint
 from gptlit.module import GPTLitModule
+from gptlit.progress import ParameterSummary, StepProgressBar
 from gptlit.run_config import SaveRunConfig, command_options, is_rank_zero, migrated_config_args
 from gptlit.runs import (
     CHECKPOINT_ALIASES,
@@ -187,7 +189,9 @@ class GPTLitCLI(KeepConfigOverCheckpoint, LightningCLI):
         given = (self.config_init[self.subcommand] if self.subcommand else self.config_init).trainer.callbacks
         given = [] if given is None else given if isinstance(given, list) else [given]
         # Before the Trainer is built: with a ModelCheckpoint among them, Lightning adds no checkpoint of its own.
-        kwargs["callbacks"] = [*given, *_default_callbacks(given, config.trainer.enable_progress_bar)]
+        kwargs["callbacks"] = [*given, *_default_callbacks(given, config.trainer)]
+        if any(isinstance(cb, ParameterSummary) for cb in kwargs["callbacks"]):
+            kwargs["enable_model_summary"] = False  # Lightning's own would only say that gptlit's is there
         try:
             return super().instantiate_trainer(**kwargs)
         except (ValueError, MisconfigurationException) as err:  # the Trainer refuses its settings
@@ -202,8 +206,8 @@ def _tokens(batch) -> int:
     return batch[0].numel()
 
 
-def _default_callbacks(present: list, progress_bar: bool | None) -> list:
-    """The callbacks every run has, unless the config brings its own of the kind."""
+def _default_callbacks(present: list, trainer) -> list:
+    """The callbacks every run has, unless the config brings its own of the kind (or turns it off)."""
     defaults = [
         BestCheckpoint(),
         GracefulStop(),
@@ -211,8 +215,10 @@ def _default_callbacks(present: list, progress_bar: bool | None) -> list:
         # train/device/items_per_sec: tokens per second per process; train/device/mfu on GPUs Lightning knows.
         ThroughputMonitor(batch_size_fn=_sequences, length_fn=_tokens, window_size=THROUGHPUT_WINDOW),
     ]
-    if progress_bar is not False:
-        defaults.append(RichProgressBar())
+    if trainer.enable_progress_bar is not False and not any(isinstance(cb, ProgressBar) for cb in present):
+        defaults.append(StepProgressBar())
+    if trainer.enable_model_summary is not False and not any(isinstance(cb, ModelSummary) for cb in present):
+        defaults.append(ParameterSummary())
     return [cb for cb in defaults if not any(isinstance(other, type(cb)) for other in present)]
 
 
@@ -279,6 +285,21 @@ def _run(args: list[str]) -> None:
         make_cli(args)
 
 
+def _no_tips(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("💡 Tip:")  # Lightning's advertisements for its cloud services
+
+
+def _silence_other_libraries() -> None:
+    """Silence the messages of other libraries that tell a gptlit user nothing true or useful, each by its text."""
+    # gptlit passes the command line on explicitly (it may add the resumed run's config).
+    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+    # Lightning's own use of a torch API, on every run.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # best.ckpt's directory is the run's own, which holds last.ckpt: said on every resume.
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tips)
+
+
 def cli_main(args: list[str] | None = None) -> None:
     """Entry point of ``python -m gptlit`` and the ``gptlit`` script; ``args`` defaults to ``sys.argv[1:]``.
 
@@ -287,8 +308,7 @@ def cli_main(args: list[str] | None = None) -> None:
     traceback of every error.
     """
     args = list(sys.argv[1:] if args is None else args)
-    # gptlit passes the command line on explicitly (it may add the resumed run's config).
-    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+    _silence_other_libraries()
     debug = bool(os.environ.get("GPTLIT_DEBUG"))
     try:
         _run(args)
