@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -42,6 +43,7 @@ from gptlit.runs import (
     run_dir,
 )
 from gptlit.sample import sample
+from gptlit.sampling import SAMPLING_RANGES, sampling_option_error
 from gptlit.stopping import GracefulStop
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -71,7 +73,14 @@ class GPTLitArgumentParser(OneLineErrors, LightningArgumentParser):
 
 
 class FunctionArgumentParser(OneLineErrors, ArgumentParser):
-    """The parser of ``sample`` and ``export``."""
+    """The parser of ``sample`` and ``export``: a sampling option that is not even of its type (``nan``, ``inf``,
+    ``1.5`` for an integer) gets the same error as one outside its range."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        found = re.search(r'Parser key "(\w+)".*?(?:Got|Given) value: (\S+)', " ".join(message.split()))
+        if self.exit_on_error and found and found[1] in SAMPLING_RANGES and not os.environ.get("GPTLIT_DEBUG"):
+            raise sampling_option_error(found[1], found[2])
+        super().error(message, ex)
 
 
 def _add_config_of_run(args: list[str]) -> list[str]:
