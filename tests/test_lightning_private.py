@@ -56,3 +56,11 @@ def test_lightning_cli_still_reads_hyperparameters_through_the_method_gptlit_rep
     CLI replaces it with a no-op (the behaviour: tests/test_cli.py, resuming into another model shape)."""
     assert "self._parse_ckpt_path()" in inspect.getsource(LightningCLI.__init__)
     assert GPTLitCLI._parse_ckpt_path is KeepConfigOverCheckpoint._parse_ckpt_path
+
+
+def test_lightning_cli_runs_a_cli_method_named_after_the_subcommand() -> None:
+    """GPTLitCLI.fit wraps trainer.fit (a stopped run names the command that resumes it): LightningCLI calls a
+    method of the CLI named after the subcommand in place of the Trainer's (the behaviour: tests/test_train.py,
+    the stop message)."""
+    assert "getattr(self, subcommand, default)" in inspect.getsource(LightningCLI._run_subcommand)
+    assert "fit" in vars(GPTLitCLI)
