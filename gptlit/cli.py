@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import re
 import shutil
 import sys
 import threading
@@ -18,7 +20,7 @@ from typing import NoReturn
 
 from jsonargparse import ArgumentParser, auto_cli
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ProgressBar, ThroughputMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -29,11 +31,12 @@ from gptlit.checkpointing import AtomicCheckpointIO, BestCheckpoint, LastCheckpo
 from gptlit.data import TextDataModule
 from gptlit.errors import ConfigError, GptlitError, UsageError
 from gptlit.export import export
-from gptlit.help import CKPT_PATH_HELP, NOT_COMMANDS, overview, program, where_lines
+from gptlit.help import CKPT_PATH_HELP, NOT_COMMANDS, overview, program, resume_command, where_lines
 from gptlit.lightning_private import KeepConfigOverCheckpoint
 from gptlit.locks import DirectoryLock, lock_directory
 from gptlit.module import GPTLitModule
 from gptlit.precision import GPTLitTrainer
+from gptlit.progress import ParameterSummary, StepProgressBar
 from gptlit.run_config import (
     SaveRunConfig,
     announce_saved_config,
@@ -57,6 +60,7 @@ from gptlit.runs import (
     shown,
 )
 from gptlit.sample import sample
+from gptlit.sampling import SAMPLING_RANGES, sampling_option_error
 from gptlit.stopping import GracefulStop, ValidateAtEnd
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")  # not predict: see gptlit.help.NOT_COMMANDS
@@ -94,7 +98,14 @@ class GPTLitArgumentParser(OneLineErrors, LightningArgumentParser):
 
 
 class FunctionArgumentParser(OneLineErrors, ArgumentParser):
-    """The parser of ``sample`` and ``export``."""
+    """The parser of ``sample`` and ``export``: a sampling option that is not even of its type (``nan``, ``inf``,
+    ``1.5`` for an integer) gets the same error as one outside its range."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        found = re.search(r'Parser key "(\w+)".*?(?:Got|Given) value: (\S+)', " ".join(message.split()))
+        if self.exit_on_error and found and found[1] in SAMPLING_RANGES and not os.environ.get("GPTLIT_DEBUG"):
+            raise sampling_option_error(found[1], found[2])
+        super().error(message, ex)
 
 
 def _add_config_of_run(args: list[str]) -> list[str]:
@@ -128,6 +139,19 @@ def _add_config_of_run(args: list[str]) -> list[str]:
     return [args[0], "--config", str(run / "config.yaml"), "--run_name", run.name, *args[1:]]
 
 
+class RunStopped(SIGTERMException):
+    """A ``fit`` stopped between two batches (SIGTERM, or Ctrl-C) with ``last.ckpt`` saved.
+
+    Args:
+        step: The optimizer step ``last.ckpt`` holds.
+        resume: The command that resumes the run, run from the directory it was started in.
+    """
+
+    def __init__(self, step: int, resume: str) -> None:
+        super().__init__(130)
+        self.step, self.resume = step, resume
+
+
 class GPTLitCLI(KeepConfigOverCheckpoint, LightningCLI):
     """LightningCLI with gptlit's links, checkpoints and run directories."""
 
@@ -156,6 +180,13 @@ class GPTLitCLI(KeepConfigOverCheckpoint, LightningCLI):
         if is_rank_zero():
             lines = where_lines(self.run_dir, started=False, extend_to=2 * trainer.max_steps if finished else None)
             print("\n".join(lines), file=sys.stderr)
+
+    def fit(self, **kwargs) -> None:
+        """``trainer.fit``: LightningCLI runs a method of the CLI named after the subcommand in its place."""
+        try:
+            self.trainer.fit(**kwargs)
+        except SIGTERMException as stop:
+            raise RunStopped(self.trainer.global_step, resume_command(self.run_dir)) from stop
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -212,7 +243,9 @@ class GPTLitCLI(KeepConfigOverCheckpoint, LightningCLI):
         given = (self.config_init[self.subcommand] if self.subcommand else self.config_init).trainer.callbacks
         given = [] if given is None else given if isinstance(given, list) else [given]
         # Before the Trainer is built: with a ModelCheckpoint among them, Lightning adds no checkpoint of its own.
-        kwargs["callbacks"] = [*given, *_default_callbacks(given, config.trainer.enable_progress_bar)]
+        kwargs["callbacks"] = [*given, *_default_callbacks(given, config.trainer)]
+        if any(isinstance(cb, ParameterSummary) for cb in kwargs["callbacks"]):
+            kwargs["enable_model_summary"] = False  # Lightning's own would only say that gptlit's is there
         try:
             return super().instantiate_trainer(**kwargs)
         except (ValueError, MisconfigurationException) as err:  # the Trainer refuses its settings
@@ -227,8 +260,8 @@ def _tokens(batch) -> int:
     return batch[0].numel()
 
 
-def _default_callbacks(present: list, progress_bar: bool | None) -> list:
-    """The callbacks every run has, unless the config brings its own of the kind."""
+def _default_callbacks(present: list, trainer) -> list:
+    """The callbacks every run has, unless the config brings its own of the kind (or turns it off)."""
     defaults = [
         BestCheckpoint(),
         StableCheckpoint(),
@@ -239,8 +272,10 @@ def _default_callbacks(present: list, progress_bar: bool | None) -> list:
         # train/device/items_per_sec: tokens per second per process; train/device/mfu on GPUs Lightning knows.
         ThroughputMonitor(batch_size_fn=_sequences, length_fn=_tokens, window_size=THROUGHPUT_WINDOW),
     ]
-    if progress_bar is not False:
-        defaults.append(RichProgressBar())
+    if trainer.enable_progress_bar is not False and not any(isinstance(cb, ProgressBar) for cb in present):
+        defaults.append(StepProgressBar())
+    if trainer.enable_model_summary is not False and not any(isinstance(cb, ModelSummary) for cb in present):
+        defaults.append(ParameterSummary())
     return [cb for cb in defaults if not any(isinstance(other, type(cb)) for other in present)]
 
 
@@ -368,6 +403,21 @@ def _run(args: list[str]) -> None:
         make_cli(args)
 
 
+def _no_tips(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("💡 Tip:")  # Lightning's advertisements for its cloud services
+
+
+def _silence_other_libraries() -> None:
+    """Silence the messages of other libraries that tell a gptlit user nothing true or useful, each by its text."""
+    # gptlit passes the command line on explicitly (it may add the resumed run's config).
+    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+    # Lightning's own use of a torch API, on every run.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # best.ckpt's directory is the run's own, which holds last.ckpt: said on every resume.
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tips)
+
+
 def cli_main(args: list[str] | None = None) -> None:
     """Entry point of ``python -m gptlit`` and the ``gptlit`` script; ``args`` defaults to ``sys.argv[1:]``.
 
@@ -376,15 +426,20 @@ def cli_main(args: list[str] | None = None) -> None:
     traceback of every error.
     """
     args = list(sys.argv[1:] if args is None else args)
-    # gptlit passes the command line on explicitly (it may add the resumed run's config).
-    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+    _silence_other_libraries()
     debug = bool(os.environ.get("GPTLIT_DEBUG"))
     if not debug:
         threading.excepthook = _quiet_thread_errors
     try:
         _run(args)
-    except SIGTERMException:
-        print("gptlit: stopped; resume with `python -m gptlit fit --ckpt_path last`", file=sys.stderr)
+    except RunStopped as stop:
+        if is_rank_zero():
+            resume = f"resume with `{stop.resume}`"
+            print(f"gptlit: stopped at step {stop.step}, saved in last.ckpt; {resume}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except SIGTERMException:  # validate, test or predict: nothing to resume
+        if is_rank_zero():
+            print("gptlit: stopped by SIGTERM", file=sys.stderr)
         raise SystemExit(130) from None
     except ConfigError as err:
         if debug:

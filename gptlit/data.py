@@ -7,14 +7,18 @@ DataLoader and the DataModule that ties them to Lightning.
 
 from __future__ import annotations
 
+import os
+import signal
 import zlib
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gptlit.errors import DataError
@@ -78,6 +82,22 @@ def check_ids(
                 f"{path} has changed since it was prepared (bytes {i * chunk_bytes}-{i * chunk_bytes + len(piece)} "
                 f"differ from the checksum in {META_FILE}); re-prepare it: {redo_hint(data_dir)}"
             )
+
+
+def init_worker(worker_id: int, rank: int = 0) -> None:
+    """A DataLoader worker's start: it ignores SIGTERM and SIGINT, and is seeded as Lightning would seed it.
+
+    A job's end (SLURM, ``timeout``, ``docker stop``, ``kill -- -PGID``) and a Ctrl-C in a terminal signal every
+    process of the job. A worker killed by them would end the main process in a traceback before it could
+    stop at the end of its batch and save ``last.ckpt``; ignoring them leaves the stop to the main process,
+    which shuts its workers down as it exits. (A worker outlives a dead main process by a few seconds at most:
+    PyTorch's workers watch their parent.)
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Lightning adds this seeding (after seed_everything(workers=True)) only to a loader without a worker_init_fn.
+    if os.environ.get("PL_SEED_WORKERS") == "1":
+        pl_worker_init_function(worker_id, rank)
 
 
 class TokenWindows(Dataset):
@@ -356,6 +376,7 @@ class TextDataModule(L.LightningDataModule):
             "num_workers": self.num_workers,
             "pin_memory": on_cuda,
             "persistent_workers": self.num_workers > 0,
+            "worker_init_fn": partial(init_worker, rank=self._world()[0]) if self.num_workers > 0 else None,
         }
 
     def train_dataloader(self) -> ResumableDataLoader:

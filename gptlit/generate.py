@@ -12,7 +12,17 @@ import torch
 
 from gptlit.draft import NgramTable, drafted_greedy_stream
 from gptlit.errors import UsageError
-from gptlit.sampling import CausalLM, Prompts, as_rows, check_args, collect, greedy, sample_next, sample_stream
+from gptlit.sampling import (
+    CausalLM,
+    Prompts,
+    as_rows,
+    check_args,
+    check_sampling_options,
+    collect,
+    greedy,
+    sample_next,
+    sample_stream,
+)
 
 __all__ = ["generate", "generate_stream", "greedy", "sample_next"]
 
@@ -48,7 +58,8 @@ def generate_stream(
     seconds, later ones decode faster (benchmarks/README.md); the logits differ by float rounding.
     """
     rows = as_rows(prompt_ids)
-    check_args(rows, model.config.vocab_size, max_new_tokens, temperature, top_k, top_p)
+    check_args(rows, model.config.vocab_size)
+    check_sampling_options(max_new_tokens, temperature, top_k, top_p, seed=seed)
     if not isinstance(draft_tokens, int) or draft_tokens < 0:
         raise UsageError(f"draft_tokens must be an int >= 0 (0 feeds one token per pass), got {draft_tokens!r}")
     if draft_table is not None and draft_table.vocab_size > model.config.vocab_size:

@@ -63,16 +63,15 @@ def where_lines(run: Path, started: bool, extend_to: int | None = None) -> list[
     resumes only with more; the resume command then asks for this many.
     """
     root = run.parent.parent
-    here = os.path.abspath(root) == os.getcwd()
-    on_root = [] if here else ["--trainer.default_root_dir", shown(root)]
-    in_root = [] if here else ["--root_dir", shown(root)]
+    in_root = [] if os.path.abspath(root) == os.getcwd() else ["--root_dir", shown(root)]
     name = ["--run_name", run.name]
     lines = [f"  watch:  tensorboard --logdir {shlex.quote(shown(root / LOGS_DIR))}"]
     if extend_to is None:
-        lines.append(_command("  resume:", "fit", "--ckpt_path", "last", *name, *on_root))
-    else:
+        lines.append(f"  resume: {resume_command(run)}")
+    else:  # a wsd run extends from the state before its decay
+        stable = (run / "checkpoints" / "stable.ckpt").is_file()
         more = ["--trainer.max_steps", str(extend_to)]
-        lines.append(_command("  extend:", "fit", "--ckpt_path", "last", *name, *on_root, *more))
+        lines.append(f"  extend: {resume_command(run, 'stable' if stable else 'last', more)}")
     if started:
         return [f"gptlit: run '{run.name}' in {shown(run)}, checkpoints in {shown(run / 'checkpoints')}", *lines]
     saved = sorted((run / "checkpoints").glob("*.ckpt"))
@@ -81,6 +80,14 @@ def where_lines(run: Path, started: bool, extend_to: int | None = None) -> list[
     lines.append(_command("  export:", "export", "--ckpt_path", which, *name, *in_root, "--out_dir", f"hf/{run.name}"))
     listed = ", ".join(shown(p) for p in saved) or "none saved"
     return [f"gptlit: run '{run.name}' in {shown(run)}; checkpoints: {listed}", *lines]
+
+
+def resume_command(run: Path, ckpt_path: str = "last", more: list[str] | tuple[str, ...] = ()) -> str:
+    """The command that resumes run ``run`` from the current directory: its name, and its root directory unless
+    that is the current one (a resume without ``--config`` reads the run's ``config.yaml`` there)."""
+    root = run.parent.parent
+    on_root = [] if os.path.abspath(root) == os.getcwd() else ["--trainer.default_root_dir", shown(root)]
+    return f"{program()} {shlex.join(['fit', '--ckpt_path', ckpt_path, '--run_name', run.name, *on_root, *more])}"
 
 
 def _command(label: str, *args: str) -> str:

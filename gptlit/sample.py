@@ -10,10 +10,11 @@ import torch
 from tokenizers.decoders import DecodeStream
 
 from gptlit.draft import NgramTable
-from gptlit.errors import UsageError
+from gptlit.errors import GptlitError, UsageError
 from gptlit.generate import generate
 from gptlit.model import GPT
 from gptlit.runs import find_checkpoint, load_model
+from gptlit.sampling import check_sampling_options
 from gptlit.tokenizer import Tokenizer
 
 
@@ -111,8 +112,9 @@ def sample(
             more tokens per forward pass. The same story, sooner.
         compile: Compile the forward passes with ``torch.compile``: 15-20 s before the first story, faster after.
     """
-    if num_samples < 1:
-        raise UsageError(f"num_samples must be >= 1, got {num_samples}")
+    check_sampling_options(max_new_tokens, temperature, top_k, top_p, num_samples, seed)
+    if not interactive:
+        check_prompt(prompt)
     device = _device(device)
     path = find_checkpoint(ckpt_path, root_dir, run_name)
     model, tokenizer = load_model(path, device)
@@ -124,6 +126,7 @@ def sample(
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, **options)
 
     def write(text: str) -> None:
+        check_prompt(text)
         write_stories(model, tokenizer, text, num_samples, seed, device, **settings)
 
     if interactive:
@@ -131,6 +134,14 @@ def sample(
         read_prompts(write)
     else:
         write(prompt)
+
+
+def check_prompt(prompt: str) -> None:
+    """Refuse a prompt that is not text (bytes that were not UTF-8 come in as lone surrogates)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise UsageError(f"the prompt is not valid UTF-8 text (at character {err.start + 1}); type it again") from None
 
 
 def _device(name: str) -> str:
@@ -170,16 +181,21 @@ def write_stories(
 
 def read_prompts(write: Callable[[str], None]) -> None:
     """Call ``write`` with each line typed, until ``quit``, end of input or Ctrl-C; Ctrl-C while writing stops
-    only that story."""
+    only that story, and a line that cannot be a prompt is reported and the session goes on."""
     while True:
         try:
             text = input("> ")
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return
+        except UnicodeDecodeError as err:  # bytes that are not UTF-8, read strictly
+            print(f"gptlit: error: that line is not valid UTF-8 text ({err.reason}); type it again", file=sys.stderr)
+            continue
         if text.strip() == "quit":
             return
         try:
             write(text)
         except KeyboardInterrupt:
             print("\n[stopped]", file=sys.stderr)
+        except GptlitError as err:
+            print(f"gptlit: error: {err}", file=sys.stderr)

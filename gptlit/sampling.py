@@ -9,9 +9,10 @@ imports the model: any module with `CausalLM`'s few methods decodes.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterator, Sequence
 from functools import cache, partial
-from numbers import Integral
+from numbers import Integral, Real
 from typing import Any, Protocol
 
 import torch
@@ -76,21 +77,57 @@ def as_rows(prompt_ids: Prompts) -> list[list[int]]:
     return [list(row) for row in prompt_ids]
 
 
-def check_args(rows, vocab_size, max_new_tokens, temperature, top_k, top_p) -> None:
-    """Refuse arguments that cannot be sampled with, naming the argument."""
+def check_args(rows: list[list[int]], vocab_size: int) -> None:
+    """Refuse prompts that cannot be decoded."""
     if not rows or any(len(row) == 0 for row in rows):
         raise UsageError("prompt_ids must hold at least one token per prompt (start from the <bos> id)")
     bad = [t for row in rows for t in row if not 0 <= t < vocab_size]
     if bad:
         raise UsageError(f"prompt_ids holds token id {bad[0]}, outside the model's vocabulary [0, {vocab_size})")
-    if max_new_tokens < 0:
-        raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise UsageError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UsageError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UsageError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+# What each sampling option accepts, in the words of its error.
+SAMPLING_RANGES = {
+    "max_new_tokens": "an integer >= 0",
+    "temperature": "a finite number >= 0 (0 is greedy)",
+    "top_k": "an integer >= 1, or null (no top-k)",
+    "top_p": "a number in (0, 1], or null (no top-p)",
+    "num_samples": "an integer >= 1",
+    "seed": "a 64-bit integer (sample i uses seed + i), or null (a random seed)",
+}
+
+
+def sampling_option_error(name: str, value: Any) -> UsageError:
+    return UsageError(f"{name} must be {SAMPLING_RANGES[name]}, got {value}")
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def check_sampling_options(
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_samples: int = 1,
+    seed: int | None = None,
+) -> None:
+    """Refuse the first option outside its range (`SAMPLING_RANGES`), naming it; NaN and infinities included."""
+    number = isinstance(temperature, Real) and not isinstance(temperature, bool)
+    valid = {
+        "max_new_tokens": _integer(max_new_tokens) and max_new_tokens >= 0,
+        "temperature": number and math.isfinite(temperature) and temperature >= 0,
+        "top_k": top_k is None or (_integer(top_k) and top_k >= 1),
+        "top_p": top_p is None or (isinstance(top_p, Real) and not isinstance(top_p, bool) and 0 < top_p <= 1),
+        "num_samples": _integer(num_samples) and num_samples >= 1,
+        "seed": seed is None or (_integer(seed) and -(2**63) <= seed and seed + num_samples <= 2**64),
+    }
+    given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    given.update(num_samples=num_samples, seed=seed)
+    for name, ok in valid.items():
+        if not ok:
+            raise sampling_option_error(name, given[name])
 
 
 class CachedDecoding:

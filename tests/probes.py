@@ -84,6 +84,22 @@ class InterruptAt(L.Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
+class WaitForSignalAt(L.Callback):
+    """At the end of optimizer step ``step``, writes ``marker`` and waits (a minute at most) for a signal that
+    stops the run, so that a test signals it at a known step. Once: not again when ``marker`` exists."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, Path(marker)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self.step or self.marker.exists():
+            return
+        self.marker.write_text(str(os.getpid()))
+        deadline = time.monotonic() + 60
+        while not trainer.received_sigterm and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
 class RecordParams(L.Callback):
     """Writes ``<out_dir>/rank<r>.txt``: a hash of this rank's parameters when training ends."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -244,3 +245,21 @@ def test_fit_help_says_what_ckpt_path_takes(capsys) -> None:
     help_text = " ".join(capsys.readouterr().out.split("--ckpt_path CKPT_PATH\n")[1].split())
     assert help_text.startswith("Resume (fit) or evaluate (validate, test) a checkpoint: last")
     assert "own saved config.yaml" in help_text and "hpc" not in help_text
+
+
+def test_a_run_and_its_resume_show_their_steps_and_no_noise(workdir: Path) -> None:
+    """What `fit` prints in a terminal: the step of the total (also after a resume), none of Lightning's tips,
+    warnings that say nothing to a gptlit user, or figures that are wrong (FLOPs of 0, epoch -2, v_num)."""
+    config = write_config(workdir, max_steps=12, enable_progress_bar=True, enable_model_summary=True)
+    runs = []
+    for args in (["--config", str(config)], ["--ckpt_path", "last", "--trainer.max_steps", "16"]):
+        command = [sys.executable, "-m", "gptlit", "fit", *args]
+        run = subprocess.run(command, cwd=workdir, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs.append(run.stdout + run.stderr)
+    for output in runs:
+        for noise in ("litlogger", "Tip:", "LeafSpec", "exists and is not empty", "FLOPs", "Epoch", "v_num"):
+            assert noise not in output, (noise, output)
+        assert "Parameters: " in output and "train/loss: " in output
+    assert "Step 12/12 " in runs[0] and "val/bpb: " in runs[0] and "tokens/s: " in runs[0]  # after 10 steps
+    assert "Step 16/16 " in runs[1] and "/12 " not in runs[1]

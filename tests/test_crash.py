@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -199,6 +201,45 @@ def test_kill_9_mid_training_resumes_exactly(
     assert [step for step, _ in logged["train/loss"]] == list(range(MAX_STEPS))
     assert logged["train/loss"] == expected["train/loss"]
     assert logged["val/loss"] == expected["val/loss"]
+
+
+def test_sigterm_to_the_whole_job_stops_cleanly_and_resumes_exactly(
+    tmp_path: Path, crash_data: Path, straight: Path
+) -> None:
+    """SIGTERM to the process group (SLURM, `timeout`, `docker stop`), DataLoader workers included: the run stops
+    after the batch, with last.ckpt of that step and one line saying so, and the command that line gives (the
+    run lives under another root directory) resumes it, in the same directory, to the uninterrupted run's state."""
+    config = crash_config(tmp_path, "cut", crash_data, every=4)
+    marker = tmp_path / "paused"
+    pause = f'{{"class_path": "probes.WaitForSignalAt", "init_args": {{"step": 10, "marker": "{marker}"}}}}'
+    args = ["--config", str(config), "--data.num_workers", "1", "--trainer.default_root_dir", "runs"]
+    last = tmp_path / "runs" / "lightning_logs" / "cut" / "checkpoints" / "last.ckpt"
+    fit = subprocess.Popen(
+        [sys.executable, "-m", "gptlit", "fit", *args, f"--trainer.callbacks+={pause}"],
+        cwd=tmp_path,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a job's
+    )
+    wait_for(lambda: marker.exists() or fit.poll() is not None)
+    seen = checkpoint_step(last)
+    os.killpg(fit.pid, signal.SIGTERM)
+    out, err = fit.communicate(timeout=120)
+    assert fit.returncode == 130, err[-3000:]
+    assert "Traceback" not in out + err and "killed by signal" not in err, err[-3000:]
+    stopped = re.findall(r"^gptlit: stopped at step (\d+), saved in last\.ckpt; resume with `(.+)`$", err, re.M)
+    assert len(stopped) == 1, err[-3000:]
+    step, command = int(stopped[0][0]), shlex.split(stopped[0][1])
+    assert step == 10 and seen == 8 and checkpoint_step(last) == step
+
+    assert command[:4] == ["python", "-m", "gptlit", "fit"]
+    resumed = subprocess.run(
+        [sys.executable, *command[1:]], cwd=tmp_path, env=environment(), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_training_state(last, straight / "checkpoints" / "last.ckpt")
 
 
 def test_kills_while_writing_checkpoints_always_leave_a_loadable_last_ckpt(

@@ -120,3 +120,11 @@ def test_a_run_resumed_from_a_validation_lightning_did_not_schedule_needs_tellin
     assert path.is_file()  # validated at step 3, which val_check_interval 10 would not
     resumed = fit(5, ValidatedEnd(path, resume), ckpt_path=path)
     assert resumed.fit_loop.epoch_loop._batches_that_stepped == (5 if resume else 4)
+
+
+def test_lightning_cli_runs_a_cli_method_named_after_the_subcommand() -> None:
+    """GPTLitCLI.fit wraps trainer.fit (a stopped run names the command that resumes it): LightningCLI calls a
+    method of the CLI named after the subcommand in place of the Trainer's (the behaviour: tests/test_train.py,
+    the stop message)."""
+    assert "getattr(self, subcommand, default)" in inspect.getsource(LightningCLI._run_subcommand)
+    assert "fit" in vars(GPTLitCLI)

@@ -1,5 +1,6 @@
 """Tests for loading (gptlit.data): windows, the sampler, the resumable loader, and resume under Lightning."""
 
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -109,6 +110,21 @@ def test_val_loader_is_in_order_and_bytes_per_token(prepared: Path) -> None:
     assert torch.equal(x.flatten(), torch.from_numpy(tokens[: x.numel()].astype(np.int64)))
     val = dm.meta["splits"]["val"]
     assert dm.bytes_per_token == val["text_bytes"] / len(tokens) > 1
+
+
+def test_loader_workers_leave_stop_signals_to_the_main_process(prepared: Path, tmp_path: Path) -> None:
+    """SIGTERM and Ctrl-C reach every process of a job: workers ignore them, the main process stops the run."""
+    dm = make_dm(prepared / "data", prepared / "stories.txt", num_workers=1)
+    dm.setup("fit")
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        try:
+            loader.worker_init_fn(0)  # what each worker runs first
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        finally:
+            for number, handler in saved.items():
+                signal.signal(number, handler)
 
 
 # Lightning: a run resumed from a mid-epoch checkpoint sees the batches of an uninterrupted run ------

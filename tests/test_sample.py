@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,16 +103,43 @@ def test_interactive_loop_ends_on_quit_and_on_end_of_input(
     ("args", "message"),
     [
         (("--ckpt_path", "missing.ckpt"), "checkpoint not found"),
-        (("--temperature", "-1"), "temperature"),
-        (("--top_p", "1.5"), "top_p"),
-        (("--top_p", "0"), "top_p"),
+        (("--temperature", "-1"), "temperature must be a finite number >= 0 (0 is greedy), got -1.0"),
+        (("--temperature", "nan"), "temperature must be a finite number >= 0 (0 is greedy), got nan"),
+        (("--temperature", "inf"), "temperature must be a finite number >= 0 (0 is greedy), got inf"),
+        (("--temperature", ".nan"), "temperature must be a finite number >= 0 (0 is greedy), got nan"),
+        (("--top_p", "1.5"), "top_p must be a number in (0, 1], or null (no top-p), got 1.5"),
+        (("--top_p", "0"), "top_p must be a number in (0, 1]"),
+        (("--top_p", "nan"), "top_p must be a number in (0, 1]"),
+        (("--top_k", "0"), "top_k must be an integer >= 1, or null (no top-k), got 0"),
+        (("--top_k", "1.5"), "top_k must be an integer >= 1"),
+        (("--max_new_tokens", "-1"), "max_new_tokens must be an integer >= 0, got -1"),
+        (("--max_new_tokens", "inf"), "max_new_tokens must be an integer >= 0, got inf"),
+        (("--num_samples", "0"), "num_samples must be an integer >= 1, got 0"),
+        (("--seed", str(2**64)), "seed must be a 64-bit integer"),
+        (("--prompt", "Lily \udcff"), "the prompt is not valid UTF-8 text (at character 6)"),
+        (("--interactive", "true", "--temperature", "-1"), "temperature must be"),
     ],
 )
-def test_bad_arguments_are_clear_errors(in_trained: Path, capsys, args, message: str) -> None:
+def test_bad_arguments_are_one_line_errors_before_any_output(
+    in_trained: Path, capsys, monkeypatch: pytest.MonkeyPatch, args, message: str
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("Mia\n"))
     with pytest.raises(SystemExit) as failed:
         run_cli("sample", *args)
     assert failed.value.code == 1
-    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    captured = capsys.readouterr()
+    assert captured.out == "" and sys.stdin.read() == "Mia\n"  # nothing written, no prompt read
+    (line,) = captured.err.strip().splitlines()  # one line
+    assert line.startswith("gptlit: error: ") and message in line
+
+
+def test_a_bad_interactive_line_is_reported_and_the_session_goes_on(
+    in_trained: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("Tom \udcff\nMia\n"))
+    out, err = sample_out(capsys, "--interactive", "true", "--max_new_tokens", "5", "--seed", "0")
+    assert "gptlit: error: the prompt is not valid UTF-8 text (at character 5)" in err
+    assert "Tom" not in out and "Mia" in out
 
 
 def test_draft_data_gives_the_same_greedy_story(in_trained: Path, capsys) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import shlex
 from pathlib import Path
 
 import lightning as L
@@ -78,6 +80,28 @@ def test_interrupted_run_resumes_to_the_same_parameters(workdir: Path, recipe: s
     ):
         assert [step for step, _ in logged_lrs] == list(range(16))
         assert [value for _, value in logged_lrs] == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_stop_message_gives_the_command_that_resumes_the_run(workdir: Path, capsys) -> None:
+    """A run under another root directory, beside a newer run there: the command printed on Ctrl-C, pasted
+    as it is in the same directory, resumes that run (not the newer one) to its end."""
+    stop = '{"class_path": "probes.InterruptAt", "init_args": {"step": 5}}'
+    config = write_config(workdir, name="cut")
+    with pytest.raises(SystemExit) as stopped:
+        run_cli("fit", "--config", str(config), "--trainer.default_root_dir", "runs", f"--trainer.callbacks+={stop}")
+    assert stopped.value.code == 130
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    found = re.fullmatch(r"gptlit: stopped at step 5, saved in last\.ckpt; resume with `(.+)`", message)
+    assert found, message
+    command = shlex.split(found[1])
+    assert command[:4] == ["python", "-m", "gptlit", "fit"]
+    run_cli(
+        "fit", "--config", str(write_config(workdir, name="newer", max_steps=4)), "--trainer.default_root_dir", "runs"
+    )
+
+    run_cli(*command[3:])
+    last = workdir / "runs" / "lightning_logs" / "cut" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 16
 
 
 def _first_step_grads(
