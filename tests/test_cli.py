@@ -218,7 +218,10 @@ def test_fit_says_where_the_run_is_and_its_commands_work(workdir: Path, capsys) 
     assert "watch:  tensorboard --logdir elsewhere/lightning_logs" in err
     end = err[err.rindex("gptlit: run 'run' in") :].splitlines()
     assert len(end) <= 6
-    assert end[0].endswith("checkpoints: elsewhere/lightning_logs/run/checkpoints/last.ckpt")
+    assert end[0].endswith(  # every run ends with a validation, so best.ckpt too
+        "checkpoints: elsewhere/lightning_logs/run/checkpoints/best.ckpt, "
+        "elsewhere/lightning_logs/run/checkpoints/last.ckpt"
+    )
     commands = {line.split(":")[0].strip(): shlex.split(line.split(":", 1)[1]) for line in end[1:]}
     assert commands["export"][:3] == ["python", "-m", "gptlit"] and "--root_dir" in commands["export"]
     assert commands["extend"][-2:] == ["--trainer.max_steps", "8"]  # the run reached its max_steps
