@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from common import interleaved, machine, markdown_table, write_section
 
-from gptlit.config import GPTConfig
-from gptlit.model import GPT
+from gptlit.model.config import GPTConfig
+from gptlit.model.gpt import GPT
 
 
 def rate(fn, batches: int = 3) -> float:

@@ -33,12 +33,12 @@ import torch
 from common import interleaved, machine, markdown_table, rate, write_section
 from train import CORPUS, ROOT
 
-from gptlit.draft import NgramTable
-from gptlit.export import export
-from gptlit.generate import generate
-from gptlit.model import GPT
-from gptlit.runs import load_model
-from gptlit.store import check_bin, offsets_path, read_meta
+from gptlit.data.store import check_bin, offsets_path, read_meta
+from gptlit.export.command import export
+from gptlit.generation.draft import NgramTable
+from gptlit.generation.generate import generate
+from gptlit.model.gpt import GPT
+from gptlit.training.runs import load_model
 
 PROMPT_TOKENS, PROMPTS = 16, 8
 MODEL_TABLE_STORIES = 256  # training-story openings the model's own table is decoded from

@@ -1,4 +1,4 @@
-"""What Muon costs per training step: AdamW against Muon + AdamW (gptlit.optim) on the same model and batches.
+"""What Muon costs per training step: AdamW against Muon + AdamW (gptlit.training.optim) on the same model and batches.
 
     python benchmarks/optimizer.py --config tiny --rounds 5
 
@@ -23,9 +23,9 @@ import torch
 from common import machine, markdown_table, write_section
 from train import BETAS, CLIP, LR, SHAPES, WEIGHT_DECAY
 
-from gptlit.config import GPTConfig
-from gptlit.model import GPT
-from gptlit.optim import build_adamw, build_muon
+from gptlit.model.config import GPTConfig
+from gptlit.model.gpt import GPT
+from gptlit.training.optim import build_adamw, build_muon
 
 MUON = {"muon_lr": 0.04, "muon_momentum": 0.95, "muon_weight_decay": 0.0, "muon_adjust_lr": "original"}
 

@@ -23,9 +23,9 @@ import lightning as L
 from common import machine, markdown_table, write_section
 from train import CORPUS, SHAPES
 
-from gptlit.config import GPTConfig
-from gptlit.data import TextDataModule
-from gptlit.module import GPTLitModule
+from gptlit.data.datamodule import TextDataModule
+from gptlit.model.config import GPTConfig
+from gptlit.training.module import GPTLitModule
 
 
 class LossLog(L.Callback):

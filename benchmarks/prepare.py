@@ -41,9 +41,10 @@ ORDERS = ("prepare-first", "plain-first")
 CHILD = """
 import dataclasses, json, re, sys, time
 import tqdm.auto
-from gptlit.prepare import ENCODE_BATCH_STORIES, prepare_dataset
-from gptlit.sources import DataOptions, clean, read_txt
-from gptlit.tokenizer import Tokenizer
+from gptlit.data.prepare import ENCODE_BATCH_STORIES, prepare_dataset
+from gptlit.data.options import DataOptions
+from gptlit.data.sources import clean, read_txt
+from gptlit.data.tokenizer import Tokenizer
 corpus, source, config_name, data_dir, tokenizer_path, order = sys.argv[1:7]
 options = DataOptions(source, config_name=config_name or None, vocab_size=None, tokenizer_path=tokenizer_path)
 if config_name:  # a repository: read by datasets, imported before any clock starts
@@ -101,7 +102,7 @@ def write_repository(corpus: Path, out_dir: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from gptlit.sources import clean, read_txt
+    from gptlit.data.sources import clean, read_txt
 
     repo = out_dir / f"{corpus.stem}-repository"
     (repo / "sample" / "10BT").mkdir(parents=True)
@@ -124,7 +125,7 @@ def run_in_subprocess(
 
 def batch_fetch_ms(source: Path, data_dir: Path, tokenizer_path: Path, batches: int = 300) -> float:
     """Milliseconds per training batch (block 256, batch 32, no workers) from the DataModule's loader."""
-    from gptlit.data import TextDataModule
+    from gptlit.data.datamodule import TextDataModule
 
     dm = TextDataModule(
         str(source), str(data_dir), vocab_size=None, tokenizer_path=str(tokenizer_path), block_size=256, batch_size=32
@@ -152,8 +153,8 @@ def main() -> None:
     parser.add_argument("--layout", choices=["txt", "repository"], default="txt", help="what each corpus is written as")
     args = parser.parse_args()
 
-    from gptlit.sources import clean, read_txt
-    from gptlit.tokenizer import train_tokenizer
+    from gptlit.data.sources import clean, read_txt
+    from gptlit.data.tokenizer import train_tokenizer
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="gptlit-bench-") as tmp_name:

@@ -21,8 +21,8 @@ import torch
 from common import machine, markdown_table, write_section
 from train import SHAPES, plain_loop
 
-from gptlit.config import GPTConfig
-from gptlit.model import GPT
+from gptlit.model.config import GPTConfig
+from gptlit.model.gpt import GPT
 
 # kind -> substrings of operator names (first match wins, in this order)
 KINDS = {

@@ -36,8 +36,8 @@ import yaml
 from common import machine, markdown_table, write_section
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gptlit.model import GPT
-from gptlit.store import check_bin, read_meta
+from gptlit.data.store import check_bin, read_meta
+from gptlit.model.gpt import GPT
 
 ROOT = Path(__file__).parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "tinystories-train-2mib.txt"

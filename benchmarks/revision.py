@@ -35,9 +35,9 @@ from common import machine, markdown_table, rate, write_section
 from generate import PROMPT_TOKENS, PROMPTS, train_tiny, validation_openings
 from train import ROOT
 
-from gptlit.draft import NgramTable
-from gptlit.generate import generate
-from gptlit.runs import load_model
+from gptlit.generation.draft import NgramTable
+from gptlit.generation.generate import generate
+from gptlit.training.runs import load_model
 
 TRAIN_BATCH = 8
 

@@ -7,7 +7,7 @@
 Every variant trains the same architecture on the same batches (TinyStories windows) with the same AdamW
 settings, gradient clipping and precision; steady-state tokens/s is the median over interleaved rounds,
 warm-up excluded. MFU is model FLOPs/s over the matmul peak measured in the same run. "autograd rope" is
-gptlit's plain loop with the qkv split's gradient left to autograd (`gptlit.rope.split_and_rotate`) instead of
+gptlit's plain loop with the qkv split's gradient left to autograd (`gptlit.model.rope.split_and_rotate`) instead of
 the hand-written `RotaryQKV`. On CUDA the report also says whether SDPA's flash attention kernel runs the
 model, and the results go to a README section of their own, named after the card. Needs the bench extra
 (`pip install -e ".[bench]"` and `pip install --no-deps litgpt`).
@@ -34,13 +34,13 @@ import torch
 import torch.nn.functional as F
 from common import interleaved, machine, markdown_table, matmul_peak, write_section
 
-from gptlit.config import GPTConfig
-from gptlit.data import TextDataModule
-from gptlit.hf_mapping import ARCHITECTURES, hf_config_dict, hf_model_type
-from gptlit.model import GPT
-from gptlit.module import GPTLitModule
-from gptlit.optim import build_adamw
-from gptlit.rope import split_and_rotate
+from gptlit.data.datamodule import TextDataModule
+from gptlit.export.architectures import ARCHITECTURES, hf_config_dict, hf_model_type
+from gptlit.model.config import GPTConfig
+from gptlit.model.gpt import GPT
+from gptlit.model.rope import split_and_rotate
+from gptlit.training.module import GPTLitModule
+from gptlit.training.optim import build_adamw
 
 ROOT = Path(__file__).parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "tinystories-train-2mib.txt"
@@ -149,7 +149,7 @@ def autograd_rope(run: Callable[[], float]) -> Callable[[], float]:
     path) instead of its hand-written gradient (``RotaryQKV``): what that gradient gains."""
 
     def patched() -> float:
-        with mock.patch("gptlit.layers.split_heads", split_and_rotate):
+        with mock.patch("gptlit.model.layers.split_heads", split_and_rotate):
             return run()
 
     return patched

@@ -9,7 +9,7 @@ The public face, imported on first use (``import gptlit`` itself stays light)::
     ids = model.generate(token_ids=tokenizer.encode("Once upon a time", bos=True), max_new_tokens=100)
     print(tokenizer.decode(ids))
 
-Batched sampling with streaming, eos and drafted greedy decoding: ``from gptlit.generate import generate``.
+Batched sampling with streaming, eos and drafted greedy decoding: ``from gptlit.generation.generate import generate``.
 """
 
 from __future__ import annotations
@@ -17,22 +17,25 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from gptlit.config import GPTConfig
+from gptlit import moved
+from gptlit.model.config import GPTConfig
 
 __version__ = "0.2.0"
 
+moved.install()  # the module paths of gptlit 0.2.0 keep importing
+
 # name -> the module that defines it
 _PUBLIC = {
-    "GPT": "gptlit.model",
-    "Tokenizer": "gptlit.tokenizer",
-    "NgramTable": "gptlit.draft",
-    "GPTLitModule": "gptlit.module",
-    "TextDataModule": "gptlit.data",
-    "load_model": "gptlit.runs",
-    "cli_main": "gptlit.cli",
+    "GPT": "gptlit.model.gpt",
+    "Tokenizer": "gptlit.data.tokenizer",
+    "NgramTable": "gptlit.generation.draft",
+    "GPTLitModule": "gptlit.training.module",
+    "TextDataModule": "gptlit.data.datamodule",
+    "load_model": "gptlit.training.runs",
+    "cli_main": "gptlit.cli.main",
 }
 __all__ = ["GPTConfig", *_PUBLIC]
-_EARLIER_NAMES = {"TinyStoriesDataModule": "gptlit.data"}  # still importable: another name of a public class
+_EARLIER_NAMES = {"TinyStoriesDataModule": "gptlit.data.datamodule"}  # still importable: another name of a public class
 
 
 def __getattr__(name: str) -> Any:

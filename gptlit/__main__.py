@@ -1,4 +1,4 @@
-from gptlit.cli import cli_main
+from gptlit.cli.main import cli_main
 
 if __name__ == "__main__":
     cli_main()

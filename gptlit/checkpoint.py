@@ -8,7 +8,6 @@ weights are the ``state_dict`` entries under ``model.``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import pickle
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import Any
 
 import torch
 
-from gptlit.config import GPTConfig
 from gptlit.errors import MissingFileError, UsageError
 
 # 1: gptlit 0.1.0. 2: the model variants (mlp, mlp_hidden, n_kv_heads, qk_norm, tie_embeddings), and the
@@ -24,6 +22,11 @@ from gptlit.errors import MissingFileError, UsageError
 CHECKPOINT_FORMAT = 2
 MODEL_PREFIX = "model."
 # What the fields added in format 2 meant in format 1: a GPT-NeoX-like model.
+# gptlit 0.1.0's model fields, which its checkpoints kept beside the module's other settings.
+FORMAT_1_FIELDS = {
+    *("vocab_size", "block_size", "embed_dim", "n_heads", "n_layers", "dropout", "use_rope", "norm_type", "bias"),
+    "rope_base",
+}
 FORMAT_1_MEANING = {"mlp": "gelu", "mlp_hidden": None, "n_kv_heads": None, "qk_norm": False, "tie_embeddings": True}
 
 
@@ -134,7 +137,7 @@ def migrate_checkpoint(checkpoint: dict[str, Any], path: str | Path = "the check
 
 def nest_model_config(settings: dict[str, Any]) -> dict[str, Any]:
     """gptlit 0.1.0's flat ``model`` settings with the model's shape moved under ``config`` (a new dict)."""
-    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    fields = FORMAT_1_FIELDS
     flat = {k: v for k, v in settings.items() if k != "peak_flops"}  # gone: ThroughputMonitor measures MFU
     nested = {k: v for k, v in flat.items() if k not in fields}
     shape = {k: v for k, v in flat.items() if k in fields}

@@ -40,7 +40,7 @@ def run_child(request: dict) -> None:
 
 
 def serve() -> None:
-    import gptlit.cli  # noqa: F401  the imports every child shares
+    import gptlit.cli.main  # noqa: F401  the imports every child shares
 
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # anything printed here goes to stderr, not into the replies

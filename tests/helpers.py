@@ -14,13 +14,13 @@ import yaml
 from conftest import make_stories
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gptlit.cli import cli_main
-from gptlit.config import GPTConfig
-from gptlit.data import TextDataModule
-from gptlit.draft import NgramDraft, NgramTable
-from gptlit.generate import sample_next
-from gptlit.model import GPT
-from gptlit.sources import TXT_SEPARATOR
+from gptlit.cli.main import cli_main
+from gptlit.data.datamodule import TextDataModule
+from gptlit.data.sources import TXT_SEPARATOR
+from gptlit.generation.draft import NgramDraft, NgramTable
+from gptlit.generation.generate import sample_next
+from gptlit.model.config import GPTConfig
+from gptlit.model.gpt import GPT
 
 VOCAB = 97  # of tiny_model
 # Decoding is checked on both kinds of positions, on a Llama/Qwen3-like variant with a grouped KV cache, and on

@@ -8,7 +8,7 @@ moments; only the import time is shared. Nothing has run torch code in the paren
 One JSON line each way on stdin/stdout, after the server's ``{"ready": true}``:
     {"run": [args...], "cwd": DIR, "log": FILE}  ->  {"pid": PID}
         optionally with "pause": {"event", "count", "under", "marker"} (see _pause_at) and "no_exchange": true
-        (gptlit.swap without its one-step exchange: the two renames that replace it elsewhere)
+        (gptlit.export.swap without its one-step exchange: the two renames that replace it elsewhere)
     {"wait": PID}                                  ->  {"code": EXIT}   (negative: killed by that signal)
     {"poll": PID}                                  ->  {"code": EXIT or null while it runs}
 """
@@ -44,7 +44,7 @@ def _pause_at(event: str, count: int, under: str, marker: str) -> None:
 
 
 def _child(args: list[str], cwd: str, log: str, pause: dict | None = None, no_exchange: bool = False) -> None:
-    from gptlit.cli import cli_main
+    from gptlit.cli.main import cli_main
 
     os.chdir(cwd)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -54,9 +54,9 @@ def _child(args: list[str], cwd: str, log: str, pause: dict | None = None, no_ex
     code = 0
     try:
         if no_exchange:
-            import gptlit.swap
+            import gptlit.export.swap
 
-            gptlit.swap._exchange = lambda a, b: False
+            gptlit.export.swap._exchange = lambda a, b: False
         if pause is not None:
             _pause_at(**pause)
         cli_main(args)
@@ -72,7 +72,7 @@ def _child(args: list[str], cwd: str, log: str, pause: dict | None = None, no_ex
 
 
 def serve() -> None:
-    import gptlit.cli  # noqa: F401 -- the import every child would otherwise pay for, done once here
+    import gptlit.cli.main  # noqa: F401 -- the import every child would otherwise pay for, done once here
 
     def reply(message: dict) -> None:
         sys.stdout.write(json.dumps(message) + "\n")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import gptlit
-from gptlit.generate import generate
+from gptlit.generation.generate import generate
 
 README = Path(__file__).parents[1] / "README.md"
 

@@ -30,8 +30,8 @@ from conftest import make_stories
 from forked_cli import ForkedCli
 from helpers import swap_ids, write_config, write_corpus, write_fineweb_like, write_stories
 
-from gptlit.cli import cli_main
-from gptlit.tokenizer import train_tokenizer
+from gptlit.cli.main import cli_main
+from gptlit.data.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -455,10 +455,12 @@ def test_offline_hub_source_fails_within_two_seconds(tmp_path: Path) -> None:
     """Timed inside the process, from the command to the error: the imports of Lightning and `datasets` (~2 s on
     a slow 2-core machine) are not the hub's fault; waiting on the network would be."""
     program = (
-        "import time, datasets, gptlit.cli\n"
+        "import time, datasets, gptlit.cli.main\n"
         "start = time.monotonic()\n"
         "try:\n"
-        "    gptlit.cli.cli_main(['prepare', '--data.source', 'roneneldan/TinyStories', '--data.data_dir', 'data'])\n"
+        "    gptlit.cli.main.cli_main(\n"
+        "        ['prepare', '--data.source', 'roneneldan/TinyStories', '--data.data_dir', 'data']\n"
+        "    )\n"
         "finally:\n"
         "    print(time.monotonic() - start)\n"
     )

@@ -1,4 +1,4 @@
-"""Training to a time budget (gptlit.budget): the plan on a fake clock, and runs given trainer.max_time."""
+"""Training to a time budget (gptlit.training.budget): the plan on a fake clock, and runs given trainer.max_time."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import torch
 import yaml
 from helpers import OPTIM, run_cli, scalars, write_config
 
-from gptlit import budget
-from gptlit.budget import UNMEASURED_STEPS, BudgetPlan, StepRate
-from gptlit.optim import wsd_factor
+from gptlit.training import budget
+from gptlit.training.budget import UNMEASURED_STEPS, BudgetPlan, StepRate
+from gptlit.training.optim import wsd_factor
 
 
 def plan_of(**settings) -> BudgetPlan:

@@ -12,12 +12,12 @@ from helpers import MODEL, params, run_cli, write_config
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gptlit.callbacks import TextSamples, sample_markdown
-from gptlit.config import GPTConfig
-from gptlit.generate import generate
-from gptlit.module import GPTLitModule
-from gptlit.runs import load_model
-from gptlit.tokenizer import train_tokenizer
+from gptlit.data.tokenizer import train_tokenizer
+from gptlit.generation.generate import generate
+from gptlit.model.config import GPTConfig
+from gptlit.training import TextSamples, sample_markdown
+from gptlit.training.module import GPTLitModule
+from gptlit.training.runs import load_model
 
 PROMPTS = ["Lily saw", "Tom said"]  # words of the test corpus (tests/conftest.py)
 SAMPLE_ARGS = {"prompts": PROMPTS, "max_new_tokens": 12, "temperature": 0.8, "top_k": 40, "seed": 3}
@@ -25,7 +25,7 @@ SAMPLE_ARGS = {"prompts": PROMPTS, "max_new_tokens": 12, "temperature": 0.8, "to
 
 def text_samples(**init_args) -> str:
     """A ``--trainer.callbacks+=`` value adding TextSamples."""
-    return "--trainer.callbacks+=" + json.dumps({"class_path": "gptlit.callbacks.TextSamples", "init_args": init_args})
+    return "--trainer.callbacks+=" + json.dumps({"class_path": "gptlit.training.TextSamples", "init_args": init_args})
 
 
 def logged_texts(run: Path) -> dict[str, list[tuple[int, str]]]:

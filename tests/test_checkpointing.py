@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import run_cli, write_config
 
-import gptlit.cli
+import gptlit.cli.main
 from gptlit.checkpoint import describe_non_finite, read_checkpoint
 from gptlit.errors import UsageError
 
@@ -116,9 +116,9 @@ def test_a_full_disk_anywhere_names_the_file(capsys: pytest.CaptureFixture, monk
     def write(filename: str) -> None:  # a writer whose OSError, raised on close, names no file
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(gptlit.cli, "_run", lambda args: write("runs/events.out.tfevents"))
+    monkeypatch.setattr(gptlit.cli.main, "_run", lambda args: write("runs/events.out.tfevents"))
     with pytest.raises(SystemExit):
-        gptlit.cli.cli_main(["fit"])
+        gptlit.cli.main.cli_main(["fit"])
     line = capsys.readouterr().err.strip()
     assert line.startswith("gptlit: error: No space left on device: runs/events.out.tfevents ("), line
     assert "MiB free there)" in line and "\n" not in line, line

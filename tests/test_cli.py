@@ -15,12 +15,12 @@ from helpers import run_cli, write_config
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-from gptlit.cli import GPTLitCLI, make_cli
-from gptlit.config import MLPS, NORMS
+from gptlit.cli.main import GPTLitCLI, make_cli
+from gptlit.cli.run_config import is_rank_zero
 from gptlit.errors import DataError
-from gptlit.model import Block
-from gptlit.module import GPTLitModule
-from gptlit.run_config import is_rank_zero
+from gptlit.model.config import MLPS, NORMS
+from gptlit.model.gpt import Block
+from gptlit.training.module import GPTLitModule
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -171,14 +171,14 @@ def test_a_bug_keeps_its_traceback_and_gptlit_errors_are_one_line(monkeypatch, c
     def broken(args):
         raise ValueError("an edit of the model broke it")
 
-    monkeypatch.setattr("gptlit.cli._run", broken)
+    monkeypatch.setattr("gptlit.cli.main._run", broken)
     with pytest.raises(ValueError, match="an edit of the model broke it"):
         run_cli("fit")
 
     def refuses(args):
         raise DataError("stories.txt: no such file or directory; check --data.source")
 
-    monkeypatch.setattr("gptlit.cli._run", refuses)
+    monkeypatch.setattr("gptlit.cli.main._run", refuses)
     with pytest.raises(SystemExit) as failed:
         run_cli("fit")
     assert failed.value.code == 1

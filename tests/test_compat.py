@@ -9,9 +9,9 @@ import pytest
 import torch
 from helpers import run_cli, scalars, write_corpus
 
-from gptlit.module import GPTLitModule
-from gptlit.runs import load_model
-from gptlit.tokenizer import Tokenizer
+from gptlit.data.tokenizer import Tokenizer
+from gptlit.training.module import GPTLitModule
+from gptlit.training.runs import load_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-0.1.0"
 

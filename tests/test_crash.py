@@ -25,10 +25,10 @@ import yaml
 from helpers import scalars, write_config, write_corpus
 from preloaded import Preloaded
 
-from gptlit.data import DataError, TinyStoriesDataModule
-from gptlit.prepare import prepare_dataset
-from gptlit.runs import load_checkpoint
-from gptlit.sources import DataOptions
+from gptlit.data.datamodule import DataError, TinyStoriesDataModule
+from gptlit.data.options import DataOptions
+from gptlit.data.prepare import prepare_dataset
+from gptlit.training.runs import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Tests for data preparation (gptlit.prepare, gptlit.sources) and loading (gptlit.data)."""
+"""Tests for data preparation (gptlit.data.prepare, gptlit.data.sources) and loading (gptlit.data.datamodule)."""
 
 import json
 import os
@@ -13,14 +13,12 @@ import pytest
 from conftest import make_stories
 from helpers import make_dm, run_cli, swap_ids, write_config, write_fineweb_like, write_stories
 
-from gptlit import prepare as prepare_module
-from gptlit import sources
-from gptlit.data import (
-    DataError,
-    token_dtype,
-)
-from gptlit.sources import READING_OPTIONS, TXT_SEPARATOR, DataOptions, check_hub_reachable
-from gptlit.tokenizer import BOS_ID, EOS_ID, Tokenizer, train_tokenizer
+from gptlit.data import prepare as prepare_module
+from gptlit.data import sources
+from gptlit.data.datamodule import DataError, token_dtype
+from gptlit.data.options import READING_OPTIONS, DataOptions
+from gptlit.data.sources import TXT_SEPARATOR, check_hub_reachable
+from gptlit.data.tokenizer import BOS_ID, EOS_ID, Tokenizer, train_tokenizer
 
 # Helpers -------------------------------------------------------------------------------------------
 

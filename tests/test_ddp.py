@@ -18,8 +18,8 @@ import torch
 import yaml
 from helpers import scalars, write_config, write_corpus
 
-from gptlit.data import TinyStoriesDataModule
-from gptlit.runs import load_model
+from gptlit.data.datamodule import TinyStoriesDataModule
+from gptlit.training.runs import load_model
 
 pytestmark = pytest.mark.slow
 

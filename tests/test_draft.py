@@ -7,9 +7,9 @@ import pytest
 import torch
 from helpers import ARCHITECTURES, CountingForward, expected_passes, prompt, reference_generate, tiny_model
 
-from gptlit.draft import NgramDraft, NgramTable
-from gptlit.generate import generate
-from gptlit.model import GPT
+from gptlit.generation.draft import NgramDraft, NgramTable
+from gptlit.generation.generate import generate
+from gptlit.model.gpt import GPT
 
 
 def test_proposes_what_followed_the_latest_occurrence():

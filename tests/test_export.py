@@ -20,10 +20,10 @@ from helpers import run_cli
 from preloaded import Preloaded
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from gptlit.config import GPTConfig
-from gptlit.generate import generate
-from gptlit.model import GPT
-from gptlit.runs import load_model
+from gptlit.generation.generate import generate
+from gptlit.model.config import GPTConfig
+from gptlit.model.gpt import GPT
+from gptlit.training.runs import load_model
 
 TESTS = Path(__file__).parent
 TEXTS = ["Once upon a time, Lily saw a big dog.", "Tom said “Yes!” and smiled. 🙂", "café\nJosé ran fast"]

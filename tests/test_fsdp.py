@@ -11,9 +11,9 @@ import torch
 from helpers import MODEL
 from lightning.pytorch.strategies import FSDPStrategy
 
-from gptlit.config import GPTConfig
-from gptlit.module import GPTLitModule
-from gptlit.text_samples import sampling_model
+from gptlit.model.config import GPTConfig
+from gptlit.training.module import GPTLitModule
+from gptlit.training.text_samples import sampling_model
 
 
 class RootModule:

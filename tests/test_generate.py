@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import ARCHITECTURES, VOCAB, prompt, reference_generate, tiny_model
 
-from gptlit.generate import generate, generate_stream, sample_next
+from gptlit.generation.generate import generate, generate_stream, sample_next
 
 # KV cache against the uncached reference -----------------------------------------------------------
 

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from gptlit.config import GPTConfig
 from gptlit.errors import UsageError
-from gptlit.generate import generate
-from gptlit.hf_mapping import from_hf_state_dict, hf_config_dict, hf_model_type, links, to_hf_state_dict
-from gptlit.model import GPT
-from gptlit.rope import RotaryQKV
+from gptlit.export.architectures import from_hf_state_dict, hf_config_dict, hf_model_type, links, to_hf_state_dict
+from gptlit.generation.generate import generate
+from gptlit.model.config import GPTConfig
+from gptlit.model.gpt import GPT
+from gptlit.model.rope import RotaryQKV
 
 SHAPE = dict(vocab_size=113, block_size=32, embed_dim=48, n_heads=4, n_layers=2, dropout=0.0)
 # name: (variant, the transformers model_type it is)
@@ -83,7 +83,7 @@ def test_logits_match(pair, batch, length):
 
 
 def test_training_loss_and_gradients_match(pair, monkeypatch):
-    # In training, gptlit's attention takes its eager fast path (gptlit.rope.RotaryQKV) unless the variant
+    # In training, gptlit's attention takes its eager fast path (gptlit.model.rope.RotaryQKV) unless the variant
     # normalizes q and k first, and its loss the chunked head: the loss and every gradient must still be theirs.
     config, ours, theirs = (copy.deepcopy(m) for m in pair)
     ours.train()

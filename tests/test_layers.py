@@ -1,4 +1,4 @@
-"""The variant classes (gptlit.layers): each config name has its class, and each class declares what the optimizer
+"""The variant classes (gptlit.model.layers): each config name has its class, and each class declares what the optimizer
 and the export need of it."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_model
 
-from gptlit.config import MLPS, NORMS, GPTConfig
-from gptlit.hf_mapping import ARCHITECTURES
-from gptlit.layers import MLP, CausalSelfAttention, Norm
-from gptlit.optim import fused_row_blocks
+from gptlit.export.architectures import ARCHITECTURES
+from gptlit.model.config import MLPS, NORMS, GPTConfig
+from gptlit.model.layers import MLP, CausalSelfAttention, Norm
+from gptlit.training.optim import fused_row_blocks
 
 ATTENTIONS = [{}, dict(n_kv_heads=2), dict(n_kv_heads=1, qk_norm=True)]
 

@@ -1,5 +1,5 @@
-"""The private Lightning API that gptlit relies on (gptlit/lightning_private.py): each behaviour pinned here, so
-that a Lightning upgrade that changes one fails by name."""
+"""The private Lightning API that gptlit relies on (gptlit/training/lightning_private.py): each behaviour pinned
+here, so that a Lightning upgrade that changes one fails by name."""
 
 from __future__ import annotations
 
@@ -12,8 +12,13 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from gptlit.cli import GPTLitCLI
-from gptlit.lightning_private import KeepConfigOverCheckpoint, request_stop, resume_after_validation, set_max_steps
+from gptlit.cli.main import GPTLitCLI
+from gptlit.training.lightning_private import (
+    KeepConfigOverCheckpoint,
+    request_stop,
+    resume_after_validation,
+    set_max_steps,
+)
 
 
 class StopAt(L.Callback):

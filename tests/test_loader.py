@@ -1,4 +1,4 @@
-"""Tests for loading (gptlit.data): windows, the sampler, the resumable loader, and resume under Lightning."""
+"""Tests for loading (gptlit.data.datamodule): windows, the sampler, the resumable loader, resume under Lightning."""
 
 import signal
 from pathlib import Path
@@ -12,8 +12,8 @@ from conftest import make_stories
 from helpers import make_dm, write_stories
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from gptlit.data import ResumableDataLoader, TokenWindows, WindowSampler
-from gptlit.tokenizer import BOS_ID
+from gptlit.data.datamodule import ResumableDataLoader, TokenWindows, WindowSampler
+from gptlit.data.tokenizer import BOS_ID
 
 # Windows, sampler and resumable loader ---------------------------------------------------------------
 

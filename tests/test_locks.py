@@ -20,9 +20,9 @@ import torch
 from helpers import write_config, write_corpus
 from preloaded import Preloaded
 
+from gptlit.data.prepare import prepare_dataset
+from gptlit.data.store import read_meta
 from gptlit.locks import holder, lock_directory
-from gptlit.prepare import prepare_dataset
-from gptlit.store import read_meta
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gptlit.config import GPTConfig
-from gptlit.loss import chunked_cross_entropy, linear_cross_entropy
-from gptlit.model import GPT
+from gptlit.model.config import GPTConfig
+from gptlit.model.gpt import GPT
+from gptlit.model.loss import chunked_cross_entropy, linear_cross_entropy
 
 
 @pytest.mark.parametrize("chunk_size", [7, 64, 1000])

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptlit.config import GPTConfig
-from gptlit.model import GPT
+from gptlit.model.config import GPTConfig
+from gptlit.model.gpt import GPT
 
 POSITIONS = pytest.mark.parametrize("use_rope", [True, False], ids=["rope", "learned"])
 # The variants past GPT-NeoX's shape, each on its own and all together.

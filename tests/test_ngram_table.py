@@ -1,4 +1,4 @@
-"""Corpus continuations for drafted decoding (gptlit.draft.NgramTable), and how NgramDraft falls back on them."""
+"""Corpus continuations for drafted decoding (gptlit.generation.draft.NgramTable); how NgramDraft falls back on them."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from helpers import CountingForward, expected_passes, tiny_model
 
-from gptlit.draft import NgramDraft, NgramTable
-from gptlit.generate import generate
-from gptlit.sources import DataError
-from gptlit.store import bin_path, offsets_path
+from gptlit.data.sources import DataError
+from gptlit.data.store import bin_path, offsets_path
+from gptlit.generation.draft import NgramDraft, NgramTable
+from gptlit.generation.generate import generate
 
 
 def test_most_frequent_next_token_of_each_context():
@@ -139,6 +139,6 @@ def test_from_model_openings_end_with_their_story_and_continuations_at_eos(data_
         decoded.extend(batch)
         yield dict.fromkeys(range(len(batch)), eos - 1)
 
-    monkeypatch.setattr("gptlit.draft.sample_stream", recording)
+    monkeypatch.setattr("gptlit.generation.draft.sample_stream", recording)
     NgramTable.from_model(model, data_dir, stories=3, prompt_tokens=long, eos_id=eos, batch_size=2)
     assert decoded == stories  # whole stories, none running into the next one

@@ -1,4 +1,4 @@
-"""Optimizers and schedules (gptlit.optim): the groups, Muon beside AdamW as one optimizer, WSD."""
+"""Optimizers and schedules (gptlit.training.optim): the groups, Muon beside AdamW as one optimizer, WSD."""
 
 from __future__ import annotations
 
@@ -10,8 +10,17 @@ import torch
 from helpers import tiny_model
 
 from gptlit.errors import ConfigError
-from gptlit.layers import GeluMLP
-from gptlit.optim import Muon, MuonAdamW, build_adamw, build_muon, lr_factor, parameter_groups, schedule, wsd_factor
+from gptlit.model.layers import GeluMLP
+from gptlit.training.optim import (
+    Muon,
+    MuonAdamW,
+    build_adamw,
+    build_muon,
+    lr_factor,
+    parameter_groups,
+    schedule,
+    wsd_factor,
+)
 
 MUON = dict(muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.01, muon_adjust_lr="original")
 

@@ -1,4 +1,4 @@
-"""``trainer.precision: auto`` (gptlit.precision): the precision that fits the machine, resolved at the start."""
+"""``trainer.precision: auto`` (gptlit.cli.precision): the precision that fits the machine, resolved at the start."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import write_config
 
-from gptlit.cli import make_cli
-from gptlit.precision import BF16_CPU_FLAGS, auto_precision, cpu_flags
+from gptlit.cli.main import make_cli
+from gptlit.cli.precision import BF16_CPU_FLAGS, auto_precision, cpu_flags
 
 
 def test_auto_on_this_cpu_follows_its_flags() -> None:
@@ -33,7 +33,7 @@ def test_auto_on_a_cpu_takes_bfloat16_only_with_bfloat16_units(flags: set[str], 
 
 @pytest.mark.parametrize("faster", [True, False])
 def test_auto_on_a_cpu_of_unknown_flags_measures(monkeypatch: pytest.MonkeyPatch, faster: bool) -> None:
-    monkeypatch.setattr("gptlit.precision.bf16_matmul_is_faster", lambda: faster)
+    monkeypatch.setattr("gptlit.cli.precision.bf16_matmul_is_faster", lambda: faster)
     precision, why = auto_precision("cpu", flags=None)
     assert precision == ("bf16-mixed" if faster else "32-true") and "matrix product" in why
 

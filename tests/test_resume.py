@@ -10,10 +10,10 @@ import torch
 import yaml
 from helpers import OPTIM, params, run_cli, scalars, write_config
 
-from gptlit.checkpointing import BestCheckpoint
 from gptlit.errors import UsageError
-from gptlit.optim import lr_factor, wsd_factor
-from gptlit.runs import check_decay_not_begun
+from gptlit.training.checkpoint_callbacks import BestCheckpoint
+from gptlit.training.optim import lr_factor, wsd_factor
+from gptlit.training.runs import check_decay_not_begun
 
 
 def checkpoints(run: Path) -> list[str]:

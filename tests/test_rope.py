@@ -1,11 +1,11 @@
-"""Rotary position embeddings, and the eager training path of the qkv split (gptlit.rope.RotaryQKV)."""
+"""Rotary position embeddings, and the eager training path of the qkv split (gptlit.model.rope.RotaryQKV)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gptlit.rope import RotaryQKV, apply_rope, build_rope_cache, split_and_rotate, split_heads
+from gptlit.model.rope import RotaryQKV, apply_rope, build_rope_cache, split_and_rotate, split_heads
 
 
 def test_apply_rope_is_a_rotation_of_relative_position():

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from helpers import run_cli
 
-from gptlit.runs import load_model
-from gptlit.tokenizer import Tokenizer
+from gptlit.data.tokenizer import Tokenizer
+from gptlit.training.runs import load_model
 
 
 @pytest.fixture
@@ -51,8 +51,8 @@ def test_num_samples_writes_each_sample(in_trained: Path, capsys) -> None:
 
 
 def test_streamed_text_equals_the_decoded_story(in_trained: Path) -> None:
-    from gptlit.generate import generate
-    from gptlit.sample import write_story
+    from gptlit.cli.sample import write_story
+    from gptlit.generation.generate import generate
 
     model, tokenizer = load_model(in_trained / "lightning_logs" / "run" / "checkpoints" / "last.ckpt")
     out = io.StringIO()
@@ -64,7 +64,7 @@ def test_streamed_text_equals_the_decoded_story(in_trained: Path) -> None:
 
 def test_streaming_decodes_each_token_once(in_trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decoding all ids again for every new token would make a story's streaming quadratic in its length."""
-    from gptlit.sample import write_story
+    from gptlit.cli.sample import write_story
 
     model, tokenizer = load_model(in_trained / "lightning_logs" / "run" / "checkpoints" / "last.ckpt")
     decoded: list[list[int]] = []

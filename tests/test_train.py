@@ -12,10 +12,10 @@ import pytest
 import torch
 from helpers import MODEL, OPTIM, params, run_cli, scalars, write_config
 
-from gptlit.config import GPTConfig
-from gptlit.data import TinyStoriesDataModule
-from gptlit.module import GPTLitModule
-from gptlit.optim import lr_factor, wsd_factor
+from gptlit.data.datamodule import TinyStoriesDataModule
+from gptlit.model.config import GPTConfig
+from gptlit.training.module import GPTLitModule
+from gptlit.training.optim import lr_factor, wsd_factor
 
 
 def test_fit_trains_logs_and_checkpoints(workdir: Path) -> None:

@@ -15,8 +15,8 @@ import yaml
 from helpers import params, run_cli, write_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from gptlit.generate import generate
-from gptlit.runs import load_model
+from gptlit.generation.generate import generate
+from gptlit.training.runs import load_model
 
 pytestmark = pytest.mark.slow
 

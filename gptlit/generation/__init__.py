@@ -1,0 +1,6 @@
+"""Decoding: the plain loop over the KV cache (decoding), drafted greedy decoding on top of it (draft), and the
+entry points that choose between them (``gptlit.generation.generate.generate``)."""
+
+from gptlit.faces import lazy_names
+
+__getattr__, __dir__ = lazy_names(__name__, {"NgramTable": "gptlit.generation.draft"})

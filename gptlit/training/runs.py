@@ -1,0 +1,190 @@
+"""Run directories: where a run lives, which run to resume, and the model and tokenizer of its checkpoints.
+
+A run lives in ``<root>/lightning_logs/<run_name>/`` with ``config.yaml``, ``hparams.yaml``, the
+TensorBoard event files and ``checkpoints/{last,best,stable}.ckpt``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptlit.checkpoint import read_checkpoint, tokenizer_json
+from gptlit.data.tokenizer import Tokenizer
+from gptlit.errors import UsageError
+from gptlit.model.gpt import GPT
+from gptlit.training.optim import count_warmup_steps, wsd_decay_start
+
+LOGS_DIR = "lightning_logs"
+CHECKPOINT_ALIASES = ("last", "best", "stable")
+ATTEMPTS_DIR = "attempts"  # <run>/attempts/<time>/: the logs of earlier starts that saved no checkpoint
+
+# Read before gptlit 0.2 from this module; gptlit.checkpoint reads checkpoints now.
+load_checkpoint = read_checkpoint
+
+
+def run_dir(root: str | Path, run_name: str) -> Path:
+    return Path(root) / LOGS_DIR / run_name
+
+
+def shown(path: str | Path) -> str:
+    """``path`` as a user would type it here: relative to the working directory when it lies under it."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        return str(absolute.relative_to(os.getcwd()))
+    except ValueError:
+        return str(absolute)
+
+
+def latest_run(root: str | Path) -> Path | None:
+    """The run under ``<root>/lightning_logs`` whose config or checkpoints were written last."""
+    logs = Path(root) / LOGS_DIR
+    candidates = []
+    for path in logs.glob("*/config.yaml") if logs.is_dir() else []:
+        stamps = [p.stat().st_mtime for p in (path, *path.parent.glob("checkpoints/*.ckpt"))]
+        candidates.append((max(stamps), path.parent))
+    return max(candidates)[1] if candidates else None
+
+
+def run_names(root: str | Path) -> list[str]:
+    """The names of the runs under ``<root>/lightning_logs``: directories with a ``config.yaml`` or checkpoints."""
+    logs = Path(root) / LOGS_DIR
+    runs = logs.iterdir() if logs.is_dir() else []
+    return sorted(p.name for p in runs if (p / "config.yaml").is_file() or (p / "checkpoints").is_dir())
+
+
+def named_run(root: str | Path, run_name: str) -> Path:
+    """The directory of run ``run_name``; a name of no run is refused, naming the runs there are."""
+    run = run_dir(root, run_name)
+    if run.is_dir():
+        return run
+    names = run_names(root)
+    there = f"the runs there: {', '.join(names)}" if names else "there are no runs there yet"
+    raise UsageError(f"no run '{run_name}' in {shown(run.parent)}; {there}")
+
+
+def has_checkpoint(run: Path) -> bool:
+    """Whether the run has saved any checkpoint in its ``checkpoints/`` directory."""
+    return any((run / "checkpoints").glob("*.ckpt"))
+
+
+def set_aside(run: Path) -> Path:
+    """Move what ``run`` holds into ``<run>/attempts/<time>/`` and return that directory.
+
+    A run that saved no checkpoint has nothing to resume: starting it over keeps its earlier logs there
+    (TensorBoard still shows them, as a run of their own). Hidden files stay where they are.
+    """
+    aside = run / ATTEMPTS_DIR / time.strftime("%Y%m%d-%H%M%S")
+    aside.mkdir(parents=True, exist_ok=True)
+    for entry in run.iterdir():
+        if entry.name != ATTEMPTS_DIR and not entry.name.startswith("."):
+            shutil.move(entry, aside / entry.name)
+    return aside
+
+
+def resolve_checkpoint(ckpt_path: str, run: Path | None) -> Path:
+    """Turn ``last``/``best``/``stable`` (of ``run``) or a file path into an existing checkpoint file."""
+    if ckpt_path in CHECKPOINT_ALIASES:
+        if run is None:
+            raise UsageError(
+                f"--ckpt_path {ckpt_path}: no run found to resume; start one with "
+                "`python -m gptlit fit --config configs/tiny.yaml`"
+            )
+        named_run(run.parent.parent, run.name)  # a run that does not exist is refused, naming those that do
+        path = run / "checkpoints" / f"{ckpt_path}.ckpt"
+        if not path.is_file() and ckpt_path == "stable":
+            raise UsageError(
+                f"--ckpt_path stable: {path} does not exist; a run saves it when the decay of its wsd schedule "
+                "starts (model.schedule wsd), so resume this one with --ckpt_path last"
+            )
+        if not path.is_file():
+            raise UsageError(
+                f"--ckpt_path {ckpt_path}: {path} does not exist; the run has saved no {ckpt_path} checkpoint "
+                "yet, so start it afresh without --ckpt_path"
+            )
+        return path
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint not found: {path}; give a .ckpt file, or 'last', 'best' or 'stable'")
+    return path
+
+
+def check_same_shape(
+    checkpoint: dict[str, Any], config: dict[str, Any], path: str | Path, data_vocab_size: int | None = None
+) -> None:
+    """Refuse to resume a checkpoint into a model of another shape, naming the first field that differs.
+
+    ``config`` holds the ``model`` settings; ``vocab_size`` is not among them (it is linked from the data
+    module when the classes are built), so the configured ``data.vocab_size`` is checked on its own.
+    """
+    saved = checkpoint["gptlit"]["config"]
+    asked = {**config, "vocab_size": data_vocab_size} if data_vocab_size is not None else config
+    for name, value in saved.items():
+        if name in asked and asked[name] != value:
+            group = "data" if name == "vocab_size" else "model.config"
+            raise UsageError(
+                f"{path} holds a model with {name}={value}, but the config asks for {name}={asked[name]}; "
+                f"resume with the run's own config, or set {group}.{name}: {value}"
+            )
+
+
+def check_same_optimizer(checkpoint: dict[str, Any], optimizer: str, path: str | Path) -> None:
+    """Refuse to resume a checkpoint's optimizer state into another kind of optimizer (its state would not fit)."""
+    saved = checkpoint.get("hyper_parameters", {}).get("optimizer", "adamw")  # 0.1.0 knew only AdamW
+    if saved != optimizer:
+        raise UsageError(
+            f"{path} was trained with model.optimizer {saved}, and its state cannot continue as {optimizer}; "
+            f"resume with --model.optimizer {saved}, or start a new run from its weights"
+        )
+
+
+def check_decay_not_begun(
+    checkpoint: dict[str, Any], schedule: str, max_steps: int, path: Path, ckpt_path: str
+) -> None:
+    """Refuse to give a wsd run whose decay has begun another length: the rate would jump mid-decay.
+
+    A resume with the run's own max_steps goes on; one from ``stable.ckpt`` (saved as the decay starts) may take
+    any length, and decays once, at its new end. A checkpoint that does not record its run's length (written
+    before gptlit recorded it) is not checked.
+    """
+    hparams, step = checkpoint.get("hyper_parameters") or {}, checkpoint.get("global_step", 0)
+    total = (checkpoint.get("gptlit") or {}).get("total_steps")
+    if (
+        total is None
+        or max_steps in (total, -1)
+        or max_steps <= step
+        or not hparams.get("schedule") == schedule == "wsd"
+    ):
+        return
+    start = wsd_decay_start(count_warmup_steps(hparams["warmup"], total), total, hparams["decay_fraction"])
+    if step <= start:
+        return
+    stable = path.parent / "stable.ckpt"
+    if stable.is_file():
+        where = "stable" if ckpt_path in CHECKPOINT_ALIASES else str(stable)
+        hint = f"extend it from the state before its decay with --ckpt_path {where} --trainer.max_steps {max_steps}"
+    else:
+        hint = f"there is no {stable} to extend it from the state before its decay"
+    raise UsageError(
+        f"{path} is at step {step}, past the start of its learning-rate decay (step {start} of {total}): with "
+        f"trainer.max_steps {max_steps} the decay would be laid anew mid-way and the rate would jump; {hint}, "
+        f"or resume with --trainer.max_steps {total}"
+    )
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """The GPT (eval mode, on ``device``) and Tokenizer that a gptlit checkpoint carries, loaded weights-only."""
+    checkpoint = read_checkpoint(path)
+    tokenizer = Tokenizer.from_str(tokenizer_json(checkpoint, path))
+    return GPT.from_checkpoint(checkpoint).to(device).eval(), tokenizer
+
+
+def find_checkpoint(ckpt_path: str, root: str | Path = ".", run_name: str | None = None) -> Path:
+    """A checkpoint file from a path, or from ``last``/``best`` of a named run (default: the latest run)."""
+    run = run_dir(root, run_name) if run_name else latest_run(root)
+    return resolve_checkpoint(ckpt_path, run)
