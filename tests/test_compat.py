@@ -1,15 +1,21 @@
-"""Runs written by gptlit 0.1.0 (tests/fixtures/run-0.1.0) still sample, export, validate and resume."""
+"""Runs written by gptlit 0.1.0 and 0.2.0 (tests/fixtures/) still sample, export, validate and resume; 0.2.0's
+module and class paths still import."""
 
 from __future__ import annotations
 
+import importlib
 import shutil
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli, scalars, write_corpus
+import yaml
+from helpers import run_cli, scalars, write_config, write_corpus
 
 from gptlit.data.tokenizer import Tokenizer
+from gptlit.moved import MOVED
 from gptlit.training.module import GPTLitModule
 from gptlit.training.runs import load_model
 
@@ -115,3 +121,27 @@ def test_a_020_run_resumes_where_it_stopped(run_020: Path) -> None:
     assert torch.load(last, weights_only=True)["global_step"] == 8
     module = GPTLitModule.load_from_checkpoint(last)
     assert module.hparams.optimizer == "muon" and module.hparams.schedule == "wsd"
+
+
+def test_module_paths_of_020_import_their_new_modules() -> None:
+    """A user's code that names a module of gptlit 0.2.0 gets the module that holds it now, with a warning."""
+    for old, new in MOVED.items():
+        sys.modules.pop(old, None)
+        with pytest.warns(DeprecationWarning, match=f"{old} is {new}"):
+            module = importlib.import_module(old)
+        assert module is importlib.import_module(new)
+
+
+def test_class_paths_of_020_in_a_config_are_read_at_their_new_place(workdir: Path) -> None:
+    """configs/*.yaml and saved config.yaml files of 0.2.0 name gptlit.callbacks.TextSamples: read as
+    gptlit.training.TextSamples, without a warning, and the run's config.yaml says the new path."""
+    config = write_config(workdir, name="old", max_steps=2)
+    data = yaml.safe_load(config.read_text())
+    data["trainer"]["callbacks"] = [{"class_path": "gptlit.callbacks.TextSamples", "init_args": {"max_new_tokens": 4}}]
+    config.write_text(yaml.safe_dump(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="(?!gptlit)")
+        run_cli("fit", "--config", str(config))
+    saved = yaml.safe_load((workdir / "lightning_logs" / "old" / "config.yaml").read_text())
+    assert [c["class_path"] for c in saved["trainer"]["callbacks"]] == ["gptlit.training.TextSamples"]
