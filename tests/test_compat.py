@@ -19,16 +19,22 @@ from gptlit.moved import MOVED
 from gptlit.training.module import GPTLitModule
 from gptlit.training.runs import load_model
 
-FIXTURE = Path(__file__).parent / "fixtures" / "run-0.1.0"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def copy_run(name: str, where: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the fixture run ``name`` in ``where``/lightning_logs, beside the corpus its config names
+    (stories.txt), with ``where`` the working directory."""
+    write_corpus(where / "stories.txt")
+    shutil.copytree(FIXTURES / name, where / "lightning_logs" / name)
+    monkeypatch.chdir(where)
+    return where / "lightning_logs" / name
 
 
 @pytest.fixture
 def old_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of the 0.1.0 run in ./lightning_logs, beside the corpus its config names (stories.txt)."""
-    write_corpus(tmp_path / "stories.txt")
-    shutil.copytree(FIXTURE, tmp_path / "lightning_logs" / "run-0.1.0")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path / "lightning_logs" / "run-0.1.0"
+    """The 0.1.0 run."""
+    return copy_run("run-0.1.0", tmp_path, monkeypatch)
 
 
 def test_an_old_checkpoint_samples_and_exports(old_run: Path, capsys) -> None:
@@ -87,16 +93,10 @@ def test_old_command_line_options_are_read_where_they_moved(old_run: Path, capsy
     assert "holds a model with embed_dim=16" in capsys.readouterr().err
 
 
-FIXTURE_020 = Path(__file__).parent / "fixtures" / "run-0.2.0"
-
-
 @pytest.fixture
 def run_020(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of the 0.2.0 run in ./lightning_logs, beside the corpus its config names (stories.txt)."""
-    write_corpus(tmp_path / "stories.txt")
-    shutil.copytree(FIXTURE_020, tmp_path / "lightning_logs" / "run-0.2.0")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path / "lightning_logs" / "run-0.2.0"
+    """The 0.2.0 run (Muon, WSD, a Llama-shaped model)."""
+    return copy_run("run-0.2.0", tmp_path, monkeypatch)
 
 
 def test_a_020_run_samples_exports_and_validates(run_020: Path, capsys) -> None:
