@@ -153,8 +153,13 @@ def lock_directory(
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break  # still the directory's lock file: not one its last holder removed as this one waited
         os.close(fd)
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "command": _command_line()}
-    os.ftruncate(fd, 0)
-    os.write(fd, (json.dumps(record) + "\n").encode("utf-8"))
     lock = _held[directory] = DirectoryLock(directory, fd, created)
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "command": _command_line()}
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps(record) + "\n").encode("utf-8"))
+    except OSError as err:  # a full disk: let go of the lock (and its file) as if never taken
+        lock.release()
+        err.filename = err.filename or str(path)
+        raise
     return lock

@@ -151,8 +151,8 @@ def test_a_run_on_a_full_disk_resumes_to_one_line(
     assert f"cannot write {checkpoints / 'last.ckpt'}: no space left on its disk (it needs about 0.5 MiB" in line
     assert digests(checkpoints) == before  # no partial file, both checkpoints as they were
 
-    free = shutil.disk_usage(small_disk).free  # full to the last byte: TensorBoard cannot start its event file
+    free = shutil.disk_usage(small_disk).free  # full to the last byte: not even the run's lock can be written
     (small_disk / "filler").write_bytes(b"\0" * free)
     line = fail_line(capsys, *resume)
-    assert f"No space left on device: {small_disk / 'lightning_logs' / 'run' / 'events.out.tfevents.'}" in line
+    assert f"No space left on device: {small_disk / 'lightning_logs' / 'run' / '.lock'} (0.0 MiB free there)" in line
     assert digests(checkpoints) == before

@@ -20,6 +20,7 @@ import torch
 from helpers import write_config, write_corpus
 from preloaded import Preloaded
 
+from gptlit.data.options import DataOptions
 from gptlit.data.prepare import prepare_dataset
 from gptlit.data.store import read_meta
 from gptlit.locks import holder, lock_directory
@@ -193,7 +194,7 @@ def test_two_preparations_of_one_directory_take_turns(
 
     # Another vocabulary size afterwards: a new tokenizer, never "up to date".
     capsys.readouterr()
-    prepare_dataset(str(tmp_path / "stories.txt"), data_dir, vocab_size=300)
+    prepare_dataset(DataOptions(source=str(tmp_path / "stories.txt"), vocab_size=300), data_dir)
     assert "retraining" in capsys.readouterr().err
     meta = read_meta(data_dir)
     assert meta["vocab_size"] <= 300 and meta["settings"]["tokenizer_trained_with"]["vocab_size"] == 300

@@ -7,26 +7,21 @@ this file holds the DataModule that ties them to Lightning.
 
 from __future__ import annotations
 
-import os
-import signal
 import zlib
-from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
-from lightning.fabric.utilities.seed import pl_worker_init_function
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
-from gptlit.errors import DataError
-from gptlit.data.prepare import prepare_dataset
-from gptlit.data.options import DataOptions
-from gptlit.data.store import META_FILE, TOKENIZER_FILE, check_bin, offsets_path, read_meta, redo_hint, token_dtype
 from gptlit.data.loading import ResumableDataLoader, TokenWindows, WindowSampler, init_worker, window_starts
+from gptlit.data.options import DataOptions
+from gptlit.data.prepare import prepare_dataset
+from gptlit.data.store import META_FILE, TOKENIZER_FILE, check_bin, offsets_path, read_meta, redo_hint, token_dtype
 from gptlit.data.tokenizer import Tokenizer
+from gptlit.errors import DataError
 
 __all__ = [
     "DataError",

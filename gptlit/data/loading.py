@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable, Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +13,6 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset, Sampler
-
-from gptlit.data.store import token_dtype
-from gptlit.errors import DataError
 
 
 def window_starts(n_tokens: int, block_size: int, story_offsets: np.ndarray | None = None) -> np.ndarray:

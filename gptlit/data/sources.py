@@ -10,7 +10,8 @@ A directory laid out like a hub repository (``data/train-*.parquet``, ``data/val
 ``*-train.txt``/``*-valid.txt``, or a README.md whose front matter declares ``configs:``) is read as a hub id
 is, with its own splits; every other local source has the one split ``train``. With ``val_split`` None, or
 for a local source without the split ``val_split`` names, the validation stories are held out of the training
-split by :func:`hold_out`. :class:`gptlit.data.options.DataOptions` holds these options, and those of the tokenizer, checked once.
+split by :func:`hold_out`. :class:`gptlit.data.options.DataOptions` holds these options, and those of the
+tokenizer, checked once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import re
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,6 +40,8 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 Reader = Callable[[], Iterable[Any]]  # each call starts a fresh pass over raw texts
+
+
 @dataclass
 class StorySource:
     """A corpus as one or two re-readable streams of raw texts, opened on first use.

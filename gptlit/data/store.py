@@ -9,7 +9,8 @@ A prepared data directory holds
     meta.json                           written last: describes the files above and the settings behind them,
                                         with a CRC-32 of every ``CHECKSUM_CHUNK_BYTES`` of each ``.bin``
 
-`gptlit.data.prepare` writes it; `gptlit.data.datamodule` and `gptlit.generation.draft` read it, through the functions here.
+`gptlit.data.prepare` writes it; `gptlit.data.datamodule` and `gptlit.generation.draft` read it, through the
+functions here.
 """
 
 from __future__ import annotations
