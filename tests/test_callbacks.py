@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gptlit.data.tokenizer import train_tokenizer
+from gptlit.errors import ConfigError
 from gptlit.generation.generate import generate
 from gptlit.model.config import GPTConfig
 from gptlit.training import TextSamples, sample_markdown
@@ -118,3 +119,18 @@ def test_nothing_is_sampled_without_a_tokenizer_or_a_tensorboard_logger(tmp_path
 def test_callback_refuses_a_zero_interval() -> None:
     with pytest.raises(ValueError, match="every_n_validations"):
         TextSamples(every_n_validations=0)
+
+
+@pytest.mark.parametrize(
+    ("init_args", "message"),
+    [
+        (dict(temperature=-1.0), "TextSamples: temperature must be a finite number >= 0 (0 is greedy), got -1.0"),
+        (dict(top_k=0), "TextSamples: top_k must be an integer >= 1, or null (no top-k), got 0"),
+        (dict(max_new_tokens=-2), "TextSamples: max_new_tokens must be an integer >= 0, got -2"),
+    ],
+)
+def test_callback_refuses_a_bad_sampling_option_when_made(init_args, message) -> None:
+    """A bad value stops the run at config time, not at its first validation."""
+    with pytest.raises(ConfigError) as raised:
+        TextSamples(**init_args)
+    assert str(raised.value) == message

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import ARCHITECTURES, VOCAB, prompt, reference_generate, tiny_model
 
-from gptlit.generation.generate import generate, generate_stream, sample_next
+from gptlit.errors import UsageError
+from gptlit.generation.generate import SamplingOptions, generate, generate_stream, sample_next
 
 # KV cache against the uncached reference -----------------------------------------------------------
 
@@ -264,3 +267,66 @@ def test_bad_input_raises_naming_the_argument(kwargs, name):
     if not {"prompt_ids", "draft_tokens"} & kwargs.keys():  # the seed-style entry point checks the same arguments
         with pytest.raises(ValueError, match=name):
             model.generate(torch.tensor([[1, 2]]), **(dict(max_new_tokens=4) | kwargs))
+
+
+# SamplingOptions --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(temperature=-1), "temperature must be a finite number >= 0 (0 is greedy), got -1"),
+        (dict(top_p=1.5), "top_p must be a number in (0, 1], or null (no top-p), got 1.5"),
+        (
+            dict(seed=2**64),
+            f"seed must be a 64-bit integer (sample i uses seed + i), or null (a random seed), got {2**64}",
+        ),
+        (dict(draft_tokens=-1), "draft_tokens must be an integer >= 0 (0 feeds one token per pass), got -1"),
+        (dict(compile="yes"), "compile must be true or false, got yes"),
+    ],
+)
+def test_sampling_options_refuse_a_bad_value_when_made(kwargs, message):
+    with pytest.raises(UsageError) as raised:
+        SamplingOptions(10, **kwargs)
+    assert str(raised.value) == message
+
+
+def test_sampling_options_are_checked_once(monkeypatch: pytest.MonkeyPatch):
+    import gptlit.generation.decoding as decoding
+
+    checks = []
+    check = decoding.check_sampling_options
+    monkeypatch.setattr(decoding, "check_sampling_options", lambda **values: checks.append(values) or check(**values))
+    options = SamplingOptions(6, temperature=1.5, top_k=20, seed=4)
+    assert len(checks) == 1
+    generate(tiny_model(), [prompt(3), prompt(5)], options=options)
+    assert len(checks) == 1  # generate takes the options as they are
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.temperature = -1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "keywords",
+    [
+        dict(temperature=1.5, top_k=20, top_p=0.9, seed=4),
+        dict(temperature=0),  # drafted greedy decoding
+        dict(temperature=0, draft_tokens=0),
+    ],
+)
+def test_generate_with_options_equals_generate_with_keywords(keywords):
+    model, prompts = tiny_model(), [prompt(4)]
+    options = SamplingOptions(12, **keywords)
+    assert generate(model, prompts, options=options) == generate(model, prompts, 12, **keywords)
+    assert list(generate_stream(model, prompts, options=options)) == list(
+        generate_stream(model, prompts, 12, **keywords)
+    )
+    ids = torch.tensor(prompts)
+    assert torch.equal(model.generate(ids, options=options), model.generate(ids, 12, **keywords))
+
+
+@pytest.mark.parametrize(("keywords", "name"), [(dict(max_new_tokens=5), "max_new_tokens"), (dict(top_k=3), "top_k")])
+def test_generate_refuses_options_given_twice(keywords, name):
+    with pytest.raises(UsageError, match=rf"^{name} is given both as an argument and in options="):
+        generate(tiny_model(), prompt(3), options=SamplingOptions(4), **keywords)
+    with pytest.raises(UsageError, match=r"^max_new_tokens is missing"):
+        generate(tiny_model(), prompt(3))

@@ -134,8 +134,8 @@ def test_from_model_openings_end_with_their_story_and_continuations_at_eos(data_
     decoded: list[list[int]] = []
     eos = 7
 
-    def recording(model, batch, max_new_tokens, **options):  # the decoding loop from_model runs
-        assert options["eos_id"] == eos and options["temperature"] == 0
+    def recording(model, batch, options, eos_id):  # the decoding loop from_model runs
+        assert eos_id == eos and options.temperature == 0
         decoded.extend(batch)
         yield dict.fromkeys(range(len(batch)), eos - 1)
 

@@ -52,11 +52,11 @@ def test_num_samples_writes_each_sample(in_trained: Path, capsys) -> None:
 
 def test_streamed_text_equals_the_decoded_story(in_trained: Path) -> None:
     from gptlit.cli.sample import write_story
-    from gptlit.generation.generate import generate
+    from gptlit.generation.generate import SamplingOptions, generate
 
     model, tokenizer = load_model(in_trained / "lightning_logs" / "run" / "checkpoints" / "last.ckpt")
     out = io.StringIO()
-    write_story(model, tokenizer, "Tom", 50, 1.0, None, None, 5, out=out)
+    write_story(model, tokenizer, "Tom", SamplingOptions(50, 1.0, seed=5), out=out)
     (ids,) = generate(model, tokenizer.encode("Tom", bos=True), 50, temperature=1.0, eos_id=tokenizer.eos_id, seed=5)
     assert out.getvalue() == "Tom" + tokenizer.decode(ids) + "\n"
     assert tokenizer.eos_id not in ids and len(ids) <= 50
@@ -65,6 +65,7 @@ def test_streamed_text_equals_the_decoded_story(in_trained: Path) -> None:
 def test_streaming_decodes_each_token_once(in_trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decoding all ids again for every new token would make a story's streaming quadratic in its length."""
     from gptlit.cli.sample import write_story
+    from gptlit.generation.generate import SamplingOptions
 
     model, tokenizer = load_model(in_trained / "lightning_logs" / "run" / "checkpoints" / "last.ckpt")
     decoded: list[list[int]] = []
@@ -76,7 +77,7 @@ def test_streaming_decodes_each_token_once(in_trained: Path, monkeypatch: pytest
 
     monkeypatch.setattr(tokenizer, "decode", counting_decode)
     out = io.StringIO()
-    new = write_story(model, tokenizer, "Tom", 40, 1.0, None, None, 5, out=out)
+    new = write_story(model, tokenizer, "Tom", SamplingOptions(40, 1.0, seed=5), out=out)
     assert new > 10 and len(decoded) == 1  # once, for what the stream may still hold back at the very end
 
 

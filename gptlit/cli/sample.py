@@ -5,13 +5,14 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from tokenizers.decoders import DecodeStream
 
 from gptlit.data.tokenizer import Tokenizer
 from gptlit.errors import GptlitError, UsageError
-from gptlit.generation.decoding import check_sampling_options
+from gptlit.generation.decoding import SamplingOptions, check_sampling_options
 from gptlit.generation.draft import NgramTable
 from gptlit.generation.generate import generate
 from gptlit.model.gpt import GPT
@@ -45,33 +46,17 @@ def write_story(
     model: GPT,
     tokenizer: Tokenizer,
     prompt: str,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    seed: int | None,
+    options: SamplingOptions,
     out=None,
-    **options,
+    draft_table: NgramTable | None = None,
 ) -> int:
-    """Stream one continuation of ``prompt`` to ``out`` (default stdout); returns the number of new tokens.
-
-    ``options`` go to `gptlit.generate.generate` (``draft_table``, ``compile``...).
-    """
+    """Stream one continuation of ``prompt`` to ``out`` (default stdout), ended by the tokenizer's ``<eos>``;
+    returns the number of new tokens. ``draft_table`` goes to `gptlit.generation.generate.generate`."""
     out = out or sys.stdout
     out.write(prompt)
     stream = TextStream(tokenizer, out)
-    (new_ids,) = generate(
-        model,
-        tokenizer.encode(prompt, bos=True),
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_id=tokenizer.eos_id,
-        seed=seed,
-        on_token=stream,
-        **options,
-    )
+    ids, eos_id = tokenizer.encode(prompt, bos=True), tokenizer.eos_id
+    (new_ids,) = generate(model, ids, eos_id=eos_id, on_token=stream, draft_table=draft_table, options=options)
     stream.finish(new_ids)
     return len(new_ids)
 
@@ -112,22 +97,23 @@ def sample(
             more tokens per forward pass. The same story, sooner.
         compile: Compile the forward passes with ``torch.compile``: 15-20 s before the first story, faster after.
     """
-    check_sampling_options(max_new_tokens, temperature, top_k, top_p, num_samples, seed)
+    options = SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed, compile=compile)
+    check_sampling_options(num_samples=num_samples, seed=seed)  # story i uses seed + i
     if not interactive:
         check_prompt(prompt)
     device = _device(device)
     path = find_checkpoint(ckpt_path, root_dir, run_name)
     model, tokenizer = load_model(path, device)
-    options = _decoding_options(tokenizer, temperature, draft_data, compile)
+    draft_table = _draft_table(tokenizer, temperature, draft_data)
     if compile:  # compile before the first story, so that its speed is the decoding's
         start = time.perf_counter()
-        generate(model, tokenizer.encode("Once upon a time", bos=True), 2, temperature=0, draft_tokens=0, compile=True)
+        warm_up = replace(options, max_new_tokens=2, temperature=0, draft_tokens=0)
+        generate(model, tokenizer.encode("Once upon a time", bos=True), options=warm_up)
         print(f"[compiled in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
-    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, **options)
 
     def write(text: str) -> None:
         check_prompt(text)
-        write_stories(model, tokenizer, text, num_samples, seed, device, **settings)
+        write_stories(model, tokenizer, text, num_samples, device, options, draft_table)
 
     if interactive:
         print(f"{path}: type a story's beginning; 'quit' or Ctrl-D ends.", file=sys.stderr)
@@ -157,24 +143,31 @@ def _device(name: str) -> str:
     return name
 
 
-def _decoding_options(tokenizer: Tokenizer, temperature: float, draft_data: str | None, compile: bool) -> dict:
-    options: dict = {"compile": compile}
+def _draft_table(tokenizer: Tokenizer, temperature: float, draft_data: str | None) -> NgramTable | None:
     if draft_data is not None and temperature > 0:
         print("[--draft_data speeds up greedy decoding (--temperature 0) only: ignored]", file=sys.stderr)
     elif draft_data is not None:
-        options["draft_table"] = NgramTable.from_data_dir(draft_data, tokenizer_sha256=tokenizer.sha256)
-    return options
+        return NgramTable.from_data_dir(draft_data, tokenizer_sha256=tokenizer.sha256)
+    return None
 
 
 def write_stories(
-    model: GPT, tokenizer: Tokenizer, prompt: str, count: int, seed: int | None, device: str, **settings
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str,
+    count: int,
+    device: str,
+    options: SamplingOptions,
+    draft_table: NgramTable | None = None,
 ) -> None:
-    """Stream ``count`` continuations of ``prompt`` to stdout (story i with seed + i), then the speed to stderr."""
+    """Stream ``count`` continuations of ``prompt`` to stdout (story i with the options' seed + i), then the
+    speed to stderr."""
     start, tokens = time.perf_counter(), 0
     for i in range(count):
         if count > 1:
             print(f"--- sample {i + 1} ---")
-        tokens += write_story(model, tokenizer, prompt, seed=None if seed is None else seed + i, **settings)
+        story = options if options.seed is None else replace(options, seed=options.seed + i)
+        tokens += write_story(model, tokenizer, prompt, story, draft_table=draft_table)
     elapsed = time.perf_counter() - start
     print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s on {device}]", file=sys.stderr)
 

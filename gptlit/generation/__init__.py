@@ -3,4 +3,10 @@ entry points that choose between them (``gptlit.generation.generate.generate``).
 
 from gptlit.faces import lazy_names
 
-__getattr__, __dir__ = lazy_names(__name__, {"NgramTable": "gptlit.generation.draft"})
+__getattr__, __dir__ = lazy_names(
+    __name__,
+    {
+        "NgramTable": "gptlit.generation.draft",
+        "SamplingOptions": "gptlit.generation.decoding",
+    },
+)

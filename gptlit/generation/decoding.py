@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields
 from functools import cache, partial
 from numbers import Integral, Real
 from typing import Any, Protocol
@@ -94,6 +95,8 @@ SAMPLING_RANGES = {
     "top_p": "a number in (0, 1], or null (no top-p)",
     "num_samples": "an integer >= 1",
     "seed": "a 64-bit integer (sample i uses seed + i), or null (a random seed)",
+    "draft_tokens": "an integer >= 0 (0 feeds one token per pass)",
+    "compile": "true or false",
 }
 
 
@@ -105,29 +108,61 @@ def _integer(value: Any) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
-def check_sampling_options(
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    num_samples: int = 1,
-    seed: int | None = None,
-) -> None:
-    """Refuse the first option outside its range (`SAMPLING_RANGES`), naming it; NaN and infinities included."""
-    number = isinstance(temperature, Real) and not isinstance(temperature, bool)
-    valid = {
-        "max_new_tokens": _integer(max_new_tokens) and max_new_tokens >= 0,
-        "temperature": number and math.isfinite(temperature) and temperature >= 0,
-        "top_k": top_k is None or (_integer(top_k) and top_k >= 1),
-        "top_p": top_p is None or (isinstance(top_p, Real) and not isinstance(top_p, bool) and 0 < top_p <= 1),
-        "num_samples": _integer(num_samples) and num_samples >= 1,
-        "seed": seed is None or (_integer(seed) and -(2**63) <= seed and seed + num_samples <= 2**64),
-    }
-    given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-    given.update(num_samples=num_samples, seed=seed)
-    for name, ok in valid.items():
-        if not ok:
-            raise sampling_option_error(name, given[name])
+def _number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+_VALID: dict[str, Callable[[Any], bool]] = {
+    "max_new_tokens": lambda v: _integer(v) and v >= 0,
+    "temperature": lambda v: _number(v) and math.isfinite(v) and v >= 0,
+    "top_k": lambda v: v is None or (_integer(v) and v >= 1),
+    "top_p": lambda v: v is None or (_number(v) and 0 < v <= 1),
+    "num_samples": lambda v: _integer(v) and v >= 1,
+    "seed": lambda v: v is None or (_integer(v) and -(2**63) <= v < 2**64),
+    "draft_tokens": lambda v: _integer(v) and v >= 0,
+    "compile": lambda v: isinstance(v, bool),
+}
+
+
+def check_sampling_options(**values: Any) -> None:
+    """Refuse the first of the given options outside its range (`SAMPLING_RANGES`, in that order), naming it;
+    NaN and infinities included. With ``num_samples``, seed + num_samples - 1 must be a 64-bit seed too."""
+    for name, valid in _VALID.items():
+        if name in values and not valid(values[name]):
+            raise sampling_option_error(name, values[name])
+    seed = values.get("seed")
+    if seed is not None and seed + values.get("num_samples", 1) > 2**64:
+        raise sampling_option_error("seed", seed)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to continue a prompt, checked once when made: a value outside its range (`SAMPLING_RANGES`) raises
+    a one-line `UsageError` naming it. ``dataclasses.replace(options, seed=1)`` makes a checked copy.
+
+    Args:
+        max_new_tokens: Tokens to add to each prompt, fewer if the prompt's end-of-text id comes first.
+        temperature: Softmax temperature; 0 picks the most likely token (greedy).
+        top_k: Sample only among the k most likely tokens (None: all).
+        top_p: Sample only among the most likely tokens whose probabilities add up to top_p (nucleus; None: all).
+        seed: Seed of a private random generator: the same seed gives the same samples, and the global RNG is
+            left alone (None: a random seed).
+        draft_tokens: Greedy decoding of a single prompt checks up to this many guessed tokens per forward
+            pass (`gptlit.generation.draft`); 0 feeds one token at a time. The tokens are the same either way.
+        compile: Run the forward passes through ``torch.compile`` (seconds to compile on the first call,
+            faster decoding after; the logits differ by float rounding).
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    draft_tokens: int = 8
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        check_sampling_options(**{field.name: getattr(self, field.name) for field in fields(self)})
 
 
 class CachedDecoding:
@@ -173,15 +208,7 @@ class CachedDecoding:
 
 
 def sample_stream(
-    model: CausalLM,
-    rows: list[list[int]],
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_id: int | None = None,
-    seed: int | None = None,
-    compile: bool = False,
+    model: CausalLM, rows: list[list[int]], options: SamplingOptions, eos_id: int | None = None
 ) -> Iterator[dict[int, int]]:
     """Sample token by token; each step yields {row: new token id} for the rows still going.
 
@@ -191,7 +218,8 @@ def sample_stream(
     """
     B, lengths, seqs = len(rows), [len(row) for row in rows], [list(row) for row in rows]
     new_counts, done = [0] * B, [False] * B
-    with CachedDecoding(model, B, compile) as decoding:
+    temperature, top_k, top_p, seed = options.temperature, options.top_k, options.top_p, options.seed
+    with CachedDecoding(model, B, options.compile) as decoding:
         generator = None if seed is None else torch.Generator(device=decoding.device).manual_seed(seed)
         cur = min(lengths)
         start = decoding.window_start(cur)  # the cache holds tokens [start:cur] at positions 0..
@@ -209,7 +237,7 @@ def sample_stream(
                     continue
                 step[i] = token
                 new_counts[i] += 1
-                done[i] = new_counts[i] == max_new_tokens
+                done[i] = new_counts[i] == options.max_new_tokens
             if step:
                 yield step
             cur += 1

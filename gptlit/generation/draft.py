@@ -19,7 +19,7 @@ import torch
 
 from gptlit.data.store import offsets_path, training_tokens
 from gptlit.errors import UsageError
-from gptlit.generation.decoding import CachedDecoding, CausalLM, collect, greedy, sample_stream
+from gptlit.generation.decoding import CachedDecoding, CausalLM, SamplingOptions, collect, greedy, sample_stream
 
 
 class NgramTable:
@@ -114,9 +114,10 @@ class NgramTable:
         starts, ends = offsets[:stories], [*offsets[1:], len(train)][:stories]  # a story ends where the next starts
         openings = [train[a : min(a + prompt_tokens, b)].tolist() for a, b in zip(starts, ends, strict=True)]
         tokens: list[int] = []
+        options = SamplingOptions(max_new_tokens, temperature=0, compile=compile)
         for i in range(0, len(openings), batch_size):
             batch = openings[i : i + batch_size]
-            stream = sample_stream(model, batch, max_new_tokens, temperature=0, eos_id=eos_id, compile=compile)
+            stream = sample_stream(model, batch, options, eos_id)
             for opening, new in zip(batch, collect(stream, len(batch)), strict=True):
                 tokens += opening + new
         return cls(np.array(tokens, dtype=np.int64), model.config.vocab_size, **kwargs)
@@ -198,22 +199,21 @@ class NgramDraft:
 def drafted_greedy_stream(
     model: CausalLM,
     prompt: list[int],
-    max_new_tokens: int,
+    options: SamplingOptions,
     eos_id: int | None = None,
-    draft_tokens: int = 8,
     table: NgramTable | None = None,
-    compile: bool = False,
 ) -> Iterator[dict[int, int]]:
-    """Greedy decoding of one prompt, checking up to ``draft_tokens`` guessed tokens (`NgramDraft`) in the
-    forward pass of each token; yields ``{0: token}`` for each new token, as `sampling.sample_stream` does.
+    """Greedy decoding of one prompt, checking up to ``options.draft_tokens`` guessed tokens (`NgramDraft`) in
+    the forward pass of each token; yields ``{0: token}`` for each new token, as `decoding.sample_stream` does.
+    The options' temperature, top-k, top-p and seed play no part: the tokens are the greedy ones.
 
     The pass of a token and its guesses gives the model's greedy pick after each of them: the guesses it
     confirms are the greedy tokens, in the cache already, and the pick after the last of them comes free.
     """
     seq, drafts = list(prompt), NgramDraft(prompt, table=table)
     confirmed: list[int] = []  # guesses the model confirmed, in the cache already, still to be emitted
-    new_count = 0
-    with CachedDecoding(model, 1, compile) as decoding:
+    new_count, max_new_tokens = 0, options.max_new_tokens
+    with CachedDecoding(model, 1, options.compile) as decoding:
         cur = len(seq)  # tokens known; the cache holds tokens [start:cur] at positions 0..
         start = decoding.window_start(cur)
         logits = decoding.prefill([seq], start, cur)  # (1, V)
@@ -236,7 +236,7 @@ def drafted_greedy_stream(
                 logits = decoding.prefill([seq], start, cur)
                 continue
             # Guesses must fit in the window; past the tokens still wanted they would only cost time.
-            room = min(draft_tokens, decoding.window - (cur - start), max_new_tokens - new_count - 1)
+            room = min(options.draft_tokens, decoding.window - (cur - start), max_new_tokens - new_count - 1)
             logits, confirmed = _check_guesses(decoding, seq[cur - 1], drafts.propose(room), cur - 1 - start)
 
 

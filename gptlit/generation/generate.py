@@ -8,6 +8,7 @@ forward passes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import fields
 
 import torch
 
@@ -15,9 +16,9 @@ from gptlit.errors import UsageError
 from gptlit.generation.decoding import (
     CausalLM,
     Prompts,
+    SamplingOptions,
     as_rows,
     check_args,
-    check_sampling_options,
     collect,
     greedy,
     sample_next,
@@ -25,14 +26,32 @@ from gptlit.generation.decoding import (
 )
 from gptlit.generation.draft import NgramTable, drafted_greedy_stream
 
-__all__ = ["generate", "generate_stream", "greedy", "sample_next"]
+__all__ = ["SamplingOptions", "generate", "generate_stream", "greedy", "sample_next"]
+
+_DEFAULTS = {field.name: field.default for field in fields(SamplingOptions)}
+
+
+def sampling_options(options: SamplingOptions | None, max_new_tokens: int | None, **keywords) -> SamplingOptions:
+    """``options``, or the options the keywords (``temperature=``...) make; refuses a keyword given beside
+    ``options`` (one left at its default is no keyword given)."""
+    if options is None:
+        if max_new_tokens is None:
+            raise UsageError("max_new_tokens is missing: pass it, or options=SamplingOptions(max_new_tokens, ...)")
+        return SamplingOptions(max_new_tokens, **keywords)
+    if not isinstance(options, SamplingOptions):
+        raise UsageError(f"options must be a SamplingOptions, got {type(options).__name__}")
+    given = [name for name, value in keywords.items() if value != _DEFAULTS[name]]
+    if max_new_tokens is not None or given:
+        name = "max_new_tokens" if max_new_tokens is not None else given[0]
+        raise UsageError(f"{name} is given both as an argument and in options=: give it in options only")
+    return options
 
 
 @torch.inference_mode()
 def generate_stream(
     model: CausalLM,
     prompt_ids: Prompts,
-    max_new_tokens: int,
+    max_new_tokens: int | None = None,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -41,8 +60,13 @@ def generate_stream(
     draft_tokens: int = 8,
     draft_table: NgramTable | None = None,
     compile: bool = False,
+    *,
+    options: SamplingOptions | None = None,
 ) -> Iterator[dict[int, int]]:
     """Generate token by token; each step yields {prompt index: new token id} for the prompts still going.
+
+    The sampling options come as ``options`` (a `SamplingOptions`) or as the keywords ``max_new_tokens``,
+    ``temperature``, ``top_k``, ``top_p``, ``seed``, ``draft_tokens`` and ``compile``, which make one.
 
     Prompts may differ in length: every row sees the positions it would alone, with no padding inside
     attention. When the context reaches block_size, the last block_size // 2 tokens are kept, fed again from
@@ -58,28 +82,27 @@ def generate_stream(
     ``compile`` runs the forward passes through ``torch.compile``: the first call compiles for some
     seconds, later ones decode faster (benchmarks/README.md); the logits differ by float rounding.
     """
+    keywords = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, draft_tokens=draft_tokens)
+    options = sampling_options(options, max_new_tokens, compile=compile, **keywords)
     rows = as_rows(prompt_ids)
     check_args(rows, model.config.vocab_size)
-    check_sampling_options(max_new_tokens, temperature, top_k, top_p, seed=seed)
-    if not isinstance(draft_tokens, int) or draft_tokens < 0:
-        raise UsageError(f"draft_tokens must be an int >= 0 (0 feeds one token per pass), got {draft_tokens!r}")
     if draft_table is not None and draft_table.vocab_size > model.config.vocab_size:
         raise UsageError(
             f"draft_table is of a {draft_table.vocab_size}-token vocabulary, larger than the model's "
             f"{model.config.vocab_size}: build it from the data the model was trained on"
         )
-    if max_new_tokens == 0:
+    if options.max_new_tokens == 0:
         return
-    if len(rows) == 1 and temperature == 0 and draft_tokens > 0:
-        yield from drafted_greedy_stream(model, rows[0], max_new_tokens, eos_id, draft_tokens, draft_table, compile)
+    if len(rows) == 1 and options.temperature == 0 and options.draft_tokens > 0:
+        yield from drafted_greedy_stream(model, rows[0], options, eos_id, draft_table)
     else:
-        yield from sample_stream(model, rows, max_new_tokens, temperature, top_k, top_p, eos_id, seed, compile)
+        yield from sample_stream(model, rows, options, eos_id)
 
 
 def generate(
     model: CausalLM,
     prompt_ids: Prompts,
-    max_new_tokens: int,
+    max_new_tokens: int | None = None,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -89,29 +112,29 @@ def generate(
     draft_tokens: int = 8,
     draft_table: NgramTable | None = None,
     compile: bool = False,
+    *,
+    options: SamplingOptions | None = None,
 ) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens; returns the new ids of each prompt.
+
+    ``generate(model, ids, options=SamplingOptions(200, temperature=0))`` is
+    ``generate(model, ids, 200, temperature=0)``: the options, checked once, or the keywords that make them
+    (not both).
 
     Args:
         model: The GPT to sample from (its train/eval mode is restored afterwards).
         prompt_ids: One prompt (a list of ids or a 1-D tensor), or several (a list of lists, or a 2-D tensor).
-        max_new_tokens: Tokens to add to each prompt, fewer if ``eos_id`` comes first.
-        temperature: Softmax temperature; 0 picks the most likely token (greedy).
-        top_k: Sample only among the k most likely tokens.
-        top_p: Sample only among the most likely tokens whose probabilities add up to top_p (nucleus).
+        max_new_tokens, temperature, top_k, top_p, seed, draft_tokens, compile: The `SamplingOptions`.
         eos_id: Stop a prompt's continuation at this id (not included in the output).
-        seed: Seed of a private random generator: the same seed gives the same samples, and the
-            global RNG is left alone.
         on_token: Called as ``on_token(prompt_index, token_id)`` for each new token, as it is produced.
-        draft_tokens: Greedy decoding of a single prompt checks up to this many guessed tokens per forward
-            pass (see `generate_stream`); 0 feeds one token at a time. The tokens are the same either way.
-        draft_table: Continuations seen in a corpus, guessed where the text so far offers none: the
-            training data's (`NgramTable.from_data_dir`) or the model's own greedy continuations
-            (`NgramTable.from_model`). More tokens per pass, the same tokens.
-        compile: Run the forward passes through ``torch.compile`` (seconds to compile on the first call,
-            faster decoding after).
+        draft_table: Continuations seen in a corpus, guessed where the text so far offers none (greedy
+            decoding of one prompt, see `generate_stream`): the training data's (`NgramTable.from_data_dir`)
+            or the model's own greedy continuations (`NgramTable.from_model`). More tokens per pass, the
+            same tokens.
+        options: The sampling options as one `SamplingOptions`, instead of the keywords.
     """
+    keywords = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, draft_tokens=draft_tokens)
+    options = sampling_options(options, max_new_tokens, compile=compile, **keywords)
     rows = as_rows(prompt_ids)
-    options = dict(draft_tokens=draft_tokens, draft_table=draft_table, compile=compile)
-    stream = generate_stream(model, rows, max_new_tokens, temperature, top_k, top_p, eos_id, seed, **options)
+    stream = generate_stream(model, rows, eos_id=eos_id, draft_table=draft_table, options=options)
     return collect(stream, len(rows), on_token)

@@ -26,6 +26,7 @@ from gptlit.model.loss import chunked_cross_entropy
 from gptlit.model.rope import build_rope_cache
 
 if TYPE_CHECKING:
+    from gptlit.generation.decoding import SamplingOptions
     from gptlit.generation.draft import NgramTable
 
 
@@ -213,7 +214,7 @@ class GPT(nn.Module):
     def generate(
         self,
         token_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
-        max_new_tokens: int,
+        max_new_tokens: int | None = None,
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -221,25 +222,30 @@ class GPT(nn.Module):
         seed: int | None = None,
         draft_table: NgramTable | None = None,
         compile: bool = False,
+        *,
+        draft_tokens: int = 8,
+        options: SamplingOptions | None = None,
     ) -> torch.Tensor | list:
         """The prompt followed by its continuation of up to max_new_tokens tokens, in the prompt's own form.
 
         A list of ids gives a list of ids (a list of lists, one per prompt, for several prompts); a tensor
         (B, T) or (T,) gives a tensor (B, T + max_new_tokens), rows that reached ``eos_id`` early padded
-        with it. The options are those of `gptlit.generate.generate`.
+        with it. The options are those of `gptlit.generation.generate.generate`: a `SamplingOptions` as
+        ``options``, or the keywords that make one.
         """
-        from gptlit.generation.generate import generate
+        from gptlit.generation.generate import generate, sampling_options
 
-        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed)
+        keywords = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, draft_tokens=draft_tokens)
+        options = sampling_options(options, max_new_tokens, compile=compile, **keywords)
         if not isinstance(token_ids, torch.Tensor):
             nested = len(token_ids) > 0 and not isinstance(token_ids[0], Integral)
             rows = [[int(t) for t in row] for row in token_ids] if nested else [[int(t) for t in token_ids]]
-            new = generate(self, rows, max_new_tokens, draft_table=draft_table, compile=compile, **options)
+            new = generate(self, rows, eos_id=eos_id, draft_table=draft_table, options=options)
             out = [row + continuation for row, continuation in zip(rows, new, strict=True)]
             return out if nested else out[0]
         if token_ids.dim() == 1:
             token_ids = token_ids.unsqueeze(0)
-        new = generate(self, token_ids, max_new_tokens, draft_table=draft_table, compile=compile, **options)
+        new = generate(self, token_ids, eos_id=eos_id, draft_table=draft_table, options=options)
         width = max(map(len, new))
         padded = [row + [eos_id] * (width - len(row)) for row in new]  # only rows that stopped at eos are short
         new_ids = torch.tensor(padded, dtype=token_ids.dtype, device=token_ids.device)  # (B, new)

@@ -11,8 +11,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from gptlit.checkpoint import model_state_dict
-from gptlit.errors import ConfigError
-from gptlit.generation.generate import generate
+from gptlit.errors import ConfigError, UsageError
+from gptlit.generation.generate import SamplingOptions, generate
 from gptlit.model.gpt import GPT
 
 DEFAULT_PROMPTS = ("Once upon a time", "Lily and Ben went to the park.", "The little dog")
@@ -61,10 +61,10 @@ class TextSamples(L.Callback):
         if every_n_validations < 1:
             raise ConfigError(f"TextSamples: every_n_validations must be >= 1, got {every_n_validations}")
         self.prompts = list(prompts)
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_k = top_k
-        self.seed = seed
+        try:  # checked here, so that a bad value stops the run before it starts
+            self.options = SamplingOptions(max_new_tokens, temperature, top_k, seed=seed)
+        except UsageError as err:
+            raise ConfigError(f"TextSamples: {err}") from None
         self.every_n_validations = every_n_validations
         self._validations = 0
 
@@ -83,15 +83,8 @@ class TextSamples(L.Callback):
         loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
         for i, prompt in enumerate(self.prompts):
             # generate restores the model's train/eval mode and, with a seed, leaves the global RNG alone.
-            (new_ids,) = generate(
-                model,
-                tokenizer.encode(prompt, bos=True),
-                self.max_new_tokens,
-                temperature=self.temperature,
-                top_k=self.top_k,
-                eos_id=tokenizer.eos_id,
-                seed=self.seed,
-            )
+            ids = tokenizer.encode(prompt, bos=True)
+            (new_ids,) = generate(model, ids, eos_id=tokenizer.eos_id, options=self.options)
             text = sample_markdown(prompt, tokenizer.decode(new_ids))
             for logger in loggers:
                 logger.experiment.add_text(f"samples/{i}", text, global_step=trainer.global_step)
