@@ -56,3 +56,20 @@ def test_importing_gptlit_is_light_and_names_its_parts() -> None:
     assert result.stdout.split() == ["False", "False"]
     for name in gptlit.__all__:
         assert getattr(gptlit, name).__name__ == name
+
+
+def test_the_readme_sampling_options_example_runs(trained: Path) -> None:
+    """The README's SamplingOptions snippet, after its first snippet (which loads the model and the tokenizer)."""
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "SamplingOptions(" in b]
+    first = readme_python_example()
+    (path,) = re.findall(r'"(lightning_logs/[^"]+\.ckpt)"', first)
+    names: dict = {}
+    cwd = os.getcwd()
+    os.chdir(trained)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            exec(compile(first.replace(path, "lightning_logs/run/checkpoints/best.ckpt"), "README.md", "exec"), names)
+        exec(compile(block, "README.md", "exec"), names)
+    finally:
+        os.chdir(cwd)
+    assert 0 < len(names["new_ids"]) <= 200 and names["options"].top_k == 40
