@@ -29,8 +29,6 @@ from typing import Any
 
 import numpy as np
 
-from gptlit.errors import DataError
-from gptlit.locks import lock_directory
 from gptlit.data.options import DataOptions
 from gptlit.data.sources import StorySource, open_source
 from gptlit.data.store import (
@@ -48,6 +46,8 @@ from gptlit.data.store import (
     token_dtype,
 )
 from gptlit.data.tokenizer import Tokenizer, train_tokenizer
+from gptlit.errors import DataError
+from gptlit.locks import lock_directory
 
 TMP_SUFFIX = ".tmp"
 # Stories per encode_batch call: enough work for the Rust thread pool, small enough to keep memory flat.

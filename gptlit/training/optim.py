@@ -23,6 +23,14 @@ ScheduleName = Literal["cosine", "wsd"]
 MuonAdjustLR = Literal["original", "match_rms_adamw"]
 
 
+def check_choice(option: str, value: Any, names: Any) -> None:
+    """Refuse (ConfigError) a ``value`` of ``option`` that is none of the Literal type ``names``: no name quietly
+    means another."""
+    choices = get_args(names)
+    if value not in choices:
+        raise ConfigError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """Learning-rate multiplier at optimizer step ``step``: linear warmup, then cosine to ``min_ratio``."""
     if step < warmup_steps:
@@ -57,11 +65,10 @@ def wsd_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float,
 def schedule(name: ScheduleName, decay_fraction: float) -> Callable[[int, int, int, float], float]:
     """The multiplier function of a schedule, as ``f(step, warmup_steps, total_steps, min_ratio)``; ConfigError
     for a name that is not one of `ScheduleName`'s."""
+    check_choice("model.schedule", name, ScheduleName)
     if name == "wsd":
         return lambda step, warmup, total, min_ratio: wsd_factor(step, warmup, total, min_ratio, decay_fraction)
-    if name == "cosine":
-        return lr_factor
-    raise ConfigError(f"model.schedule must be one of {', '.join(get_args(ScheduleName))}, got {name!r}")
+    return lr_factor
 
 
 def parameter_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
@@ -129,7 +136,10 @@ def newton_schulz(
 
 
 def shape_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
-    """Muon's learning rate for a matrix of ``shape`` (torch.optim.Muon's ``adjust_lr_fn``)."""
+    """Muon's learning rate for a matrix of ``shape`` (torch.optim.Muon's ``adjust_lr_fn``: None is
+    ``original``); ConfigError for a name that is not one of `MuonAdjustLR`'s."""
+    if adjust_lr_fn is not None:
+        check_choice("model.muon_adjust_lr", adjust_lr_fn, MuonAdjustLR)
     rows, cols = shape[:2]
     if adjust_lr_fn == "match_rms_adamw":
         return lr * 0.2 * math.sqrt(max(rows, cols))
