@@ -76,8 +76,9 @@ class GPTLitModule(L.LightningModule):
         muon_adjust_lr: How Muon scales its update by matrix shape: ``original`` (Keller Jordan's:
             sqrt(max(1, rows/cols))) or ``match_rms_adamw`` (Moonshot's: the RMS of an AdamW update, so that
             AdamW's learning rate and weight decay carry over).
-        compile: Compile the model and its loss with ``torch.compile`` (about a minute at the start on a CPU,
-            then 5-15% faster steps there; more on a GPU). Needs a C++ compiler on a CPU.
+        compile: Compile the model and its loss with ``torch.compile``: the first steps wait for the
+            compilation, the later ones run faster (benchmarks/README.md measures both). Needs a C++ compiler
+            on a CPU.
     """
 
     def __init__(

@@ -105,8 +105,7 @@ def build_adamw(
 ) -> torch.optim.AdamW:
     """AdamW that decays only the weight matrices of linear layers (`parameter_groups`).
 
-    The fused kernel (CPU and CUDA) updates all tensors in one pass: on a 2-core CPU it is 4x faster than the
-    per-tensor loop.
+    With ``fused``, one kernel (CPU and CUDA) updates all tensors in one pass instead of a loop over them.
     """
     groups = parameter_groups(model)
     decay = [{"params": groups["matrices"] + groups["head"], "weight_decay": weight_decay, "name": "decay"}]
@@ -157,11 +156,11 @@ def evaluate(closure: Callable[[], Any] | None) -> Any:
 class Muon(torch.optim.Muon):
     """``torch.optim.Muon`` with its Newton-Schulz iteration in ``ns_dtype``, and fused matrices taken apart.
 
-    torch runs the iteration in bfloat16 always: right on a GPU, but a CPU without bfloat16 units (AVX2, as
-    the AMD EPYC of benchmarks/README.md) runs those products some 40x slower than float32, and Muon's steps
-    took 7x AdamW's there. gptlit fuses q, k and v into one matrix, and a gated MLP's gate and up: ``row_blocks``
-    names the row blocks of such a matrix, each orthogonalized (and its rate scaled) as the matrix it stands
-    for. In bfloat16 and without row blocks, this step is torch's own, operation for operation.
+    torch runs the iteration in bfloat16 always: right on a GPU, but a CPU without bfloat16 units (AVX2 only)
+    runs those products many times slower than float32 ones, so ``build_muon`` chooses float32 on a CPU.
+    gptlit fuses q, k and v into one matrix, and a gated MLP's gate and up: ``row_blocks`` names the row
+    blocks of such a matrix, each orthogonalized (and its rate scaled) as the matrix it stands for. In bfloat16
+    and without row blocks, this step is torch's own, operation for operation.
 
     Args:
         params: Weight matrices.
