@@ -78,7 +78,7 @@ def check_same_shape(
     lacks ``vocab_size`` (the command line links it from the data module when the classes are built), the
     configured ``data_vocab_size`` is checked in its place.
     """
-    saved = checkpoint["gptlit"]["config"]
+    saved = checkpoint["gptlit"].get("config") or {}
     asked = {**config, "vocab_size": data_vocab_size} if data_vocab_size is not None else config
     for name, value in saved.items():
         if name in asked and asked[name] != value:

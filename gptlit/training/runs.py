@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from gptlit.checkpoint import check_same_shape as check_same_shape  # gptlit 0.2.0's place of it (gptlit.runs)
 from gptlit.checkpoint import existing_checkpoint, read_checkpoint, tokenizer_json
 from gptlit.data.tokenizer import Tokenizer
 from gptlit.errors import UsageError
