@@ -27,6 +27,7 @@ FORMAT_1_FIELDS = {
     *("vocab_size", "block_size", "embed_dim", "n_heads", "n_layers", "dropout", "use_rope", "norm_type", "bias"),
     "rope_base",
 }
+GIVE_A_CHECKPOINT = "give a .ckpt file, or 'last', 'best' or 'stable'"
 FORMAT_1_MEANING = {"mlp": "gelu", "mlp_hidden": None, "n_kv_heads": None, "qk_norm": False, "tie_embeddings": True}
 
 
@@ -37,9 +38,7 @@ def read_checkpoint(path: str | Path, optimizer: bool = False) -> dict[str, Any]
     reads is refused, and so is one whose weights (with ``optimizer``, also its optimizer state, which a
     resumed run continues from) hold a NaN or an infinity.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"checkpoint not found: {path}; give a .ckpt file, or 'last' or 'best'")
+    path = existing_checkpoint(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
@@ -60,6 +59,34 @@ def read_checkpoint(path: str | Path, optimizer: bool = False) -> dict[str, Any]
             "saved before (such as --ckpt_path best), or train again with a lower model.learning_rate"
         )
     return migrate_checkpoint(checkpoint, path)
+
+
+def existing_checkpoint(path: str | Path, hint: str = GIVE_A_CHECKPOINT) -> Path:
+    """``path`` when it is a file; otherwise MissingFileError, ``checkpoint not found: <path>; <hint>``."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"checkpoint not found: {path}; {hint}")
+    return path
+
+
+def check_same_shape(
+    checkpoint: dict[str, Any], config: dict[str, Any], path: str | Path, data_vocab_size: int | None = None
+) -> None:
+    """Refuse to load a checkpoint into a model of another shape (UsageError), naming the first field that differs.
+
+    ``config`` holds the model's fields (``model.config.*``); fields it lacks are not compared. When ``config``
+    lacks ``vocab_size`` (the command line links it from the data module when the classes are built), the
+    configured ``data_vocab_size`` is checked in its place.
+    """
+    saved = checkpoint["gptlit"].get("config") or {}
+    asked = {**config, "vocab_size": data_vocab_size} if data_vocab_size is not None else config
+    for name, value in saved.items():
+        if name in asked and asked[name] != value:
+            group = "data" if name == "vocab_size" else "model.config"
+            raise UsageError(
+                f"{path} holds a model with {name}={value}, but the config asks for {name}={asked[name]}; "
+                f"resume with the run's own config, or set {group}.{name}: {value}"
+            )
 
 
 def describe_non_finite(checkpoint: dict[str, Any], optimizer: bool = True) -> str | None:

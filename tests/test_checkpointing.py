@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,7 +18,32 @@ from helpers import run_cli, write_config
 
 import gptlit.cli.main
 from gptlit.checkpoint import describe_non_finite, read_checkpoint
-from gptlit.errors import UsageError
+from gptlit.errors import MissingFileError, UsageError
+from gptlit.training.runs import find_checkpoint, resolve_checkpoint
+
+
+def test_a_missing_checkpoint_is_one_error_wherever_it_is_asked_for(tmp_path: Path) -> None:
+    """Reading a path, resolving one for fit/validate, finding one for sample/export, and a run's missing
+    last/best/stable: each a MissingFileError that begins ``checkpoint not found: <path>``."""
+    (tmp_path / "lightning_logs" / "run" / "checkpoints").mkdir(parents=True)
+    missing = tmp_path / "missing.ckpt"
+    attempts = {
+        missing: [
+            lambda: read_checkpoint(missing),
+            lambda: resolve_checkpoint(str(missing), None),
+            lambda: find_checkpoint(str(missing), tmp_path),
+        ],
+        **{
+            tmp_path / "lightning_logs" / "run" / "checkpoints" / f"{alias}.ckpt": [
+                lambda alias=alias: find_checkpoint(alias, tmp_path, "run")
+            ]
+            for alias in ("last", "best", "stable")
+        },
+    }
+    for path, calls in attempts.items():
+        for call in calls:
+            with pytest.raises(MissingFileError, match=f"^checkpoint not found: {re.escape(str(path))}; "):
+                call()
 
 
 def test_non_finite_tensors_are_named_and_large_finite_ones_are_not() -> None:

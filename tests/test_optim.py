@@ -7,10 +7,12 @@ import itertools
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import MODEL, tiny_model
 
 from gptlit.errors import ConfigError
+from gptlit.model.config import GPTConfig
 from gptlit.model.layers import GeluMLP
+from gptlit.training.module import GPTLitModule
 from gptlit.training.optim import (
     Muon,
     MuonAdamW,
@@ -19,6 +21,7 @@ from gptlit.training.optim import (
     lr_factor,
     parameter_groups,
     schedule,
+    shape_lr,
     wsd_factor,
 )
 
@@ -182,3 +185,19 @@ def test_an_unknown_schedule_name_is_refused_in_one_line():
     assert schedule("wsd", 0.5)(9, 0, 10, 0.0) == pytest.approx(0.0)
     with pytest.raises(ConfigError, match=r"^model\.schedule must be one of cosine, wsd, got 'cosin'$"):
         schedule("cosin", 0.2)
+
+
+def test_an_unknown_optimizer_name_is_refused_in_one_line():
+    """Not AdamW in its place: the name is checked when the module is built."""
+    with pytest.raises(ConfigError, match=r"^model\.optimizer must be one of adamw, muon, got 'adam'$"):
+        GPTLitModule(config=GPTConfig(**MODEL, vocab_size=64), optimizer="adam")
+
+
+def test_an_unknown_muon_adjust_lr_is_refused_in_one_line():
+    """Not ``original`` in its place: refused by the module, and by the step that reads it from the group."""
+    message = r"^model\.muon_adjust_lr must be one of original, match_rms_adamw, got 'orignal'$"
+    with pytest.raises(ConfigError, match=message):
+        GPTLitModule(config=GPTConfig(**MODEL, vocab_size=64), optimizer="muon", muon_adjust_lr="orignal")
+    with pytest.raises(ConfigError, match=message):
+        shape_lr(0.02, "orignal", torch.Size((64, 16)))
+    assert shape_lr(0.02, None, torch.Size((64, 16))) == shape_lr(0.02, "original", torch.Size((64, 16))) == 0.04

@@ -5,13 +5,17 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
-from helpers import OPTIM, params, run_cli, scalars, write_config
+from helpers import MODEL, OPTIM, params, run_cli, scalars, write_config
+from torch.utils.data import DataLoader
 
 from gptlit.errors import UsageError
+from gptlit.model.config import GPTConfig
 from gptlit.training.checkpoint_callbacks import BestCheckpoint
+from gptlit.training.module import GPTLitModule
 from gptlit.training.optim import lr_factor, wsd_factor
 from gptlit.training.runs import check_decay_not_begun
 
@@ -206,3 +210,27 @@ def test_extending_past_a_begun_decay_without_a_stable_checkpoint_says_so(tmp_pa
     check_decay_not_begun(checkpoint, "wsd", 40, last, "last")  # a plain resume
     check_decay_not_begun({**checkpoint, "global_step": 32}, "wsd", 80, last, "last")  # at the decay's start
     check_decay_not_begun(checkpoint, "cosine", 80, last, "last")  # another schedule now: the user's choice
+
+
+def test_a_checkpoint_of_another_shape_is_refused_alike_by_the_cli_and_by_lightnings_own_load(
+    trained: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command line checks before anything starts, a Trainer given the checkpoint as it restores it: one
+    check, one UsageError, one message."""
+    last = str(trained / "lightning_logs" / "run" / "checkpoints" / "last.ckpt")
+    expected = (
+        f"{last} holds a model with embed_dim=32, but the config asks for embed_dim=64; "
+        "resume with the run's own config, or set model.config.embed_dim: 32"
+    )
+    monkeypatch.chdir(trained)
+    with pytest.raises(SystemExit) as failed:
+        run_cli("validate", "--config", "run.yaml", "--ckpt_path", last, "--model.config.embed_dim", "64")
+    assert failed.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"gptlit: error: {expected}"
+
+    module = GPTLitModule(config=GPTConfig(**{**MODEL, "embed_dim": 64}, vocab_size=320))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    batches = DataLoader([(torch.zeros(32, dtype=torch.long), torch.zeros(32, dtype=torch.long))])
+    with pytest.raises(UsageError) as refused:
+        trainer.validate(module, dataloaders=batches, ckpt_path=last, weights_only=True)
+    assert str(refused.value) == expected

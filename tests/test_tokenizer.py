@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never the network
 
 import pytest
+from helpers import MODEL, make_dm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gptlit.data.store import training_tokens
 from gptlit.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, train_tokenizer
+from gptlit.errors import DataError
+from gptlit.model.config import GPTConfig
+from gptlit.training.module import GPTLitModule
 
 CORPUS = [
     "Once upon a time, there was a little girl named Lily. She loved to play outside.",
@@ -167,3 +175,27 @@ def test_from_file_without_gptlit_special_ids_raises(tmp_path):
     hf.save(str(path))
     with pytest.raises(ValueError, match="<pad> at id 2"):
         Tokenizer.from_file(path)
+
+
+def test_token_ids_of_another_tokenizer_are_refused_alike_everywhere(prepared: Path, tmp_path: Path) -> None:
+    """A prepared directory (read by the data module, or for its training tokens) and a resumed checkpoint: each
+    checks its tokenizer against the one it meets with the same check, a DataError."""
+    data = tmp_path / "data"
+    shutil.copytree(prepared / "data", data)
+    mine = Tokenizer.from_file(data / "tokenizer.json")
+    other = train_tokenizer(CORPUS, vocab_size=300)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["settings"]["tokenizer_sha256"] = other.sha256  # as if prepared with the other tokenizer
+    (data / "meta.json").write_text(json.dumps(meta))
+    module = GPTLitModule(config=GPTConfig(**MODEL, vocab_size=mine.vocab_size))
+    module.tokenizer = mine  # from the data module
+    checkpoint = {"gptlit": {"format": 2, "config": module.config.to_dict(), "tokenizer": other.to_str()}}
+    refusals = {
+        "is not the tokenizer": lambda: make_dm(data, prepared / "stories.txt").setup("fit"),
+        "was tokenized by another tokenizer": lambda: training_tokens(data, mine.sha256),
+        "was trained with another tokenizer": lambda: module.on_load_checkpoint(checkpoint),
+    }
+    for message, refuse in refusals.items():
+        with pytest.raises(DataError, match=message):
+            refuse()
+    training_tokens(data, other.sha256)  # the tokenizer the directory records: its tokens are read

@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from gptlit.checkpoint import read_checkpoint
+from gptlit.checkpoint import check_same_shape, read_checkpoint
 from gptlit.cli.help import CKPT_PATH_HELP, NOT_COMMANDS, overview, program, resume_command, where_lines
 from gptlit.cli.precision import GPTLitTrainer
 from gptlit.cli.reporting import (
@@ -55,7 +55,6 @@ from gptlit.training.runs import (
     LOGS_DIR,
     check_decay_not_begun,
     check_same_optimizer,
-    check_same_shape,
     has_checkpoint,
     latest_run,
     named_run,

@@ -20,7 +20,7 @@ from gptlit.data.loading import ResumableDataLoader, TokenWindows, WindowSampler
 from gptlit.data.options import DataOptions
 from gptlit.data.prepare import prepare_dataset
 from gptlit.data.store import META_FILE, TOKENIZER_FILE, check_bin, offsets_path, read_meta, redo_hint, token_dtype
-from gptlit.data.tokenizer import Tokenizer
+from gptlit.data.tokenizer import Tokenizer, check_same_tokenizer
 from gptlit.errors import DataError
 
 __all__ = [
@@ -195,11 +195,11 @@ class TextDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Check the prepared files and build the window datasets (``fit``: train and val; others: val)."""
         meta = self._meta = read_meta(self.data_dir)
-        if meta["settings"]["tokenizer_sha256"] != self.tokenizer.sha256:
-            raise DataError(
-                f"{self.tokenizer_file} is not the tokenizer {self.data_dir} was prepared with; "
-                + redo_hint(self.data_dir)
-            )
+        check_same_tokenizer(
+            meta["settings"].get("tokenizer_sha256"),
+            self.tokenizer,
+            f"{self.tokenizer_file} is not the tokenizer {self.data_dir} was prepared with; {redo_hint(self.data_dir)}",
+        )
         if meta["vocab_size"] > self.vocab_size:
             raise DataError(
                 f"{self.tokenizer_file} has {meta['vocab_size']} tokens, more than vocab_size={self.vocab_size}"

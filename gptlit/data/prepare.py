@@ -126,7 +126,7 @@ def write_bins(
     writers = {split: _SplitWriter(data_dir, split, dtype) for split in SPLITS}
     try:
         # While a background thread encodes one batch (the Rust encoder releases the GIL), this thread reads
-        # the next stories and writes the previous batch: 5-10% faster than taking turns (benchmarks/).
+        # the next stories and writes the previous batch, so that reading, encoding and writing overlap.
         with ThreadPoolExecutor(max_workers=1) as encoder, _progress("encoding stories") as bar:
 
             def finish(split: str, texts: list[str], encoding: Future) -> None:

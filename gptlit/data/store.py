@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from gptlit.data.tokenizer import check_same_tokenizer
 from gptlit.errors import DataError
 
 FORMAT_VERSION = 1
@@ -127,10 +128,12 @@ def training_tokens(data_dir: str | Path, tokenizer_sha256: str | None = None) -
     tokenizer is refused: its ids would name other tokens.
     """
     meta = read_meta(data_dir)
-    if tokenizer_sha256 is not None and meta["settings"].get("tokenizer_sha256") != tokenizer_sha256:
-        raise DataError(
+    if tokenizer_sha256 is not None:
+        check_same_tokenizer(
+            meta["settings"].get("tokenizer_sha256"),
+            tokenizer_sha256,
             f"{data_dir} was tokenized by another tokenizer than the model's: pass the data directory the "
-            "model was trained on"
+            "model was trained on",
         )
     path, dtype, count = check_bin(data_dir, meta, "train")
     return np.memmap(path, dtype=dtype, mode="r", shape=(count,)), meta["vocab_size"]

@@ -107,6 +107,15 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
+def check_same_tokenizer(recorded_sha256: str | None, tokenizer: Tokenizer | str, message: str) -> None:
+    """Refuse token ids made by another tokenizer than ``tokenizer`` (a Tokenizer or its `Tokenizer.sha256`): they
+    would name other tokens. ``recorded_sha256`` is the fingerprint recorded beside them; DataError(``message``)
+    when the two differ."""
+    sha256 = tokenizer if isinstance(tokenizer, str) else tokenizer.sha256
+    if recorded_sha256 != sha256:
+        raise DataError(message)
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000) -> Tokenizer:
     """Train a byte-level BPE tokenizer on ``texts``.
 

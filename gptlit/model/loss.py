@@ -1,7 +1,7 @@
 """Cross-entropy through the output head in chunks, without materializing the (tokens, vocab) logits.
 
-For a small model the logits dwarf everything else: at 256 wide with 4,096 tokens of vocabulary they are
-16x the hidden states, and the float32 softmax over them, its gradient and the casts cost more than all the
+For a small model the logits dwarf everything else: they are vocab_size / embed_dim times the size of the
+hidden states, and the float32 softmax over them, its gradient and the casts can cost more than all the
 transformer blocks' matrix products on a CPU. Here each chunk of rows goes through head, softmax and both
 gradient products while it is still in cache, and only the gradients (the size of the inputs) are kept.
 

@@ -13,8 +13,8 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 
-from gptlit.checkpoint import CHECKPOINT_FORMAT, migrate_checkpoint, read_checkpoint
-from gptlit.data.tokenizer import Tokenizer
+from gptlit.checkpoint import CHECKPOINT_FORMAT, check_same_shape, migrate_checkpoint, read_checkpoint
+from gptlit.data.tokenizer import Tokenizer, check_same_tokenizer
 from gptlit.errors import ConfigError, NonFiniteLossError, UsageError
 from gptlit.model.config import GPTConfig
 from gptlit.model.gpt import GPT
@@ -24,6 +24,7 @@ from gptlit.training.optim import (
     ScheduleName,
     build_adamw,
     build_muon,
+    check_choice,
     count_warmup_steps,
     schedule,
     wsd_decay_start,
@@ -75,8 +76,9 @@ class GPTLitModule(L.LightningModule):
         muon_adjust_lr: How Muon scales its update by matrix shape: ``original`` (Keller Jordan's:
             sqrt(max(1, rows/cols))) or ``match_rms_adamw`` (Moonshot's: the RMS of an AdamW update, so that
             AdamW's learning rate and weight decay carry over).
-        compile: Compile the model and its loss with ``torch.compile`` (about a minute at the start on a CPU,
-            then 5-15% faster steps there; more on a GPU). Needs a C++ compiler on a CPU.
+        compile: Compile the model and its loss with ``torch.compile``: the first steps wait for the
+            compilation, the later ones run faster (benchmarks/README.md measures both). Needs a C++ compiler
+            on a CPU.
     """
 
     def __init__(
@@ -105,6 +107,9 @@ class GPTLitModule(L.LightningModule):
             raise ConfigError(f"min_lr ({min_lr}) must be between 0 and learning_rate ({learning_rate})")
         if not 0.0 < decay_fraction <= 1.0:
             raise ConfigError(f"decay_fraction must be in (0, 1], got {decay_fraction}")
+        check_choice("model.optimizer", optimizer, OptimizerName)
+        check_choice("model.schedule", schedule, ScheduleName)
+        check_choice("model.muon_adjust_lr", muon_adjust_lr, MuonAdjustLR)
         self.save_hyperparameters(ignore=["config"])
         self.hparams["config"] = config.to_dict()  # plain values: a checkpoint stays loadable weights-only
         self.config = config
@@ -343,26 +348,23 @@ class GPTLitModule(L.LightningModule):
             "hparams": dict(checkpoint.get("hyper_parameters") or {}),
             "total_steps": saved.get("total_steps"),
         }
-        for name, value in (saved.get("config") or {}).items():
-            mine = getattr(self.config, name, value)
-            if mine != value:
-                raise UsageError(
-                    f"the checkpoint holds a model with {name}={value}, this model has {name}={mine}; "
-                    "resume with the run's own config (python -m gptlit fit --ckpt_path last)"
-                )
+        trainer = getattr(self, "_trainer", None)
+        checkpoint_path = getattr(trainer, "ckpt_path", None) or "the checkpoint"
+        if saved:
+            check_same_shape(checkpoint, self.config.to_dict(), checkpoint_path)
         if not saved.get("tokenizer"):
             return
         tokenizer = Tokenizer.from_str(saved["tokenizer"])
         if self.tokenizer is None:
             self.tokenizer = tokenizer
-        elif self.tokenizer.sha256 != tokenizer.sha256:  # the data module's: its token ids mean other text
-            trainer = getattr(self, "_trainer", None)
-            data = getattr(getattr(trainer, "datamodule", None), "tokenizer_file", "the data module's tokenizer")
-            checkpoint_path = getattr(trainer, "ckpt_path", None) or "the checkpoint"
-            raise UsageError(
-                f"{checkpoint_path} was trained with another tokenizer than {data}; resume with the data.data_dir "
-                "(or data.tokenizer_path) the run was trained with, or start a new run"
-            )
+            return
+        data = getattr(getattr(trainer, "datamodule", None), "tokenizer_file", "the data module's tokenizer")
+        check_same_tokenizer(  # the data module's: token ids of another tokenizer mean other text
+            tokenizer.sha256,
+            self.tokenizer,
+            f"{checkpoint_path} was trained with another tokenizer than {data}; resume with the data.data_dir "
+            "(or data.tokenizer_path) the run was trained with, or start a new run",
+        )
 
 
 def _shown(value: Any) -> Any:

@@ -23,6 +23,14 @@ ScheduleName = Literal["cosine", "wsd"]
 MuonAdjustLR = Literal["original", "match_rms_adamw"]
 
 
+def check_choice(option: str, value: Any, names: Any) -> None:
+    """Refuse (ConfigError) a ``value`` of ``option`` that is none of the Literal type ``names``: no name quietly
+    means another."""
+    choices = get_args(names)
+    if value not in choices:
+        raise ConfigError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """Learning-rate multiplier at optimizer step ``step``: linear warmup, then cosine to ``min_ratio``."""
     if step < warmup_steps:
@@ -57,11 +65,10 @@ def wsd_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float,
 def schedule(name: ScheduleName, decay_fraction: float) -> Callable[[int, int, int, float], float]:
     """The multiplier function of a schedule, as ``f(step, warmup_steps, total_steps, min_ratio)``; ConfigError
     for a name that is not one of `ScheduleName`'s."""
+    check_choice("model.schedule", name, ScheduleName)
     if name == "wsd":
         return lambda step, warmup, total, min_ratio: wsd_factor(step, warmup, total, min_ratio, decay_fraction)
-    if name == "cosine":
-        return lr_factor
-    raise ConfigError(f"model.schedule must be one of {', '.join(get_args(ScheduleName))}, got {name!r}")
+    return lr_factor
 
 
 def parameter_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
@@ -98,8 +105,7 @@ def build_adamw(
 ) -> torch.optim.AdamW:
     """AdamW that decays only the weight matrices of linear layers (`parameter_groups`).
 
-    The fused kernel (CPU and CUDA) updates all tensors in one pass: on a 2-core CPU it is 4x faster than the
-    per-tensor loop.
+    With ``fused``, one kernel (CPU and CUDA) updates all tensors in one pass instead of a loop over them.
     """
     groups = parameter_groups(model)
     decay = [{"params": groups["matrices"] + groups["head"], "weight_decay": weight_decay, "name": "decay"}]
@@ -129,7 +135,10 @@ def newton_schulz(
 
 
 def shape_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
-    """Muon's learning rate for a matrix of ``shape`` (torch.optim.Muon's ``adjust_lr_fn``)."""
+    """Muon's learning rate for a matrix of ``shape`` (torch.optim.Muon's ``adjust_lr_fn``: None is
+    ``original``); ConfigError for a name that is not one of `MuonAdjustLR`'s."""
+    if adjust_lr_fn is not None:
+        check_choice("model.muon_adjust_lr", adjust_lr_fn, MuonAdjustLR)
     rows, cols = shape[:2]
     if adjust_lr_fn == "match_rms_adamw":
         return lr * 0.2 * math.sqrt(max(rows, cols))
@@ -147,11 +156,11 @@ def evaluate(closure: Callable[[], Any] | None) -> Any:
 class Muon(torch.optim.Muon):
     """``torch.optim.Muon`` with its Newton-Schulz iteration in ``ns_dtype``, and fused matrices taken apart.
 
-    torch runs the iteration in bfloat16 always: right on a GPU, but a CPU without bfloat16 units (AVX2, as
-    the AMD EPYC of benchmarks/README.md) runs those products some 40x slower than float32, and Muon's steps
-    took 7x AdamW's there. gptlit fuses q, k and v into one matrix, and a gated MLP's gate and up: ``row_blocks``
-    names the row blocks of such a matrix, each orthogonalized (and its rate scaled) as the matrix it stands
-    for. In bfloat16 and without row blocks, this step is torch's own, operation for operation.
+    torch runs the iteration in bfloat16 always: right on a GPU, but a CPU without bfloat16 units (AVX2 only)
+    runs those products many times slower than float32 ones, so ``build_muon`` chooses float32 on a CPU.
+    gptlit fuses q, k and v into one matrix, and a gated MLP's gate and up: ``row_blocks`` names the row
+    blocks of such a matrix, each orthogonalized (and its rate scaled) as the matrix it stands for. In bfloat16
+    and without row blocks, this step is torch's own, operation for operation.
 
     Args:
         params: Weight matrices.

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from gptlit.checkpoint import read_checkpoint, tokenizer_json
+from gptlit.checkpoint import check_same_shape as check_same_shape  # gptlit 0.2.0's place of it (gptlit.runs)
+from gptlit.checkpoint import existing_checkpoint, read_checkpoint, tokenizer_json
 from gptlit.data.tokenizer import Tokenizer
 from gptlit.errors import UsageError
 from gptlit.model.gpt import GPT
@@ -96,41 +97,15 @@ def resolve_checkpoint(ckpt_path: str, run: Path | None) -> Path:
                 "`python -m gptlit fit --config configs/tiny.yaml`"
             )
         named_run(run.parent.parent, run.name)  # a run that does not exist is refused, naming those that do
-        path = run / "checkpoints" / f"{ckpt_path}.ckpt"
-        if not path.is_file() and ckpt_path == "stable":
-            raise UsageError(
-                f"--ckpt_path stable: {path} does not exist; a run saves it when the decay of its wsd schedule "
-                "starts (model.schedule wsd), so resume this one with --ckpt_path last"
+        if ckpt_path == "stable":
+            hint = (
+                "a run saves it when the decay of its wsd schedule starts (model.schedule wsd), "
+                "so resume this one with --ckpt_path last"
             )
-        if not path.is_file():
-            raise UsageError(
-                f"--ckpt_path {ckpt_path}: {path} does not exist; the run has saved no {ckpt_path} checkpoint "
-                "yet, so start it afresh without --ckpt_path"
-            )
-        return path
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise UsageError(f"checkpoint not found: {path}; give a .ckpt file, or 'last', 'best' or 'stable'")
-    return path
-
-
-def check_same_shape(
-    checkpoint: dict[str, Any], config: dict[str, Any], path: str | Path, data_vocab_size: int | None = None
-) -> None:
-    """Refuse to resume a checkpoint into a model of another shape, naming the first field that differs.
-
-    ``config`` holds the ``model`` settings; ``vocab_size`` is not among them (it is linked from the data
-    module when the classes are built), so the configured ``data.vocab_size`` is checked on its own.
-    """
-    saved = checkpoint["gptlit"]["config"]
-    asked = {**config, "vocab_size": data_vocab_size} if data_vocab_size is not None else config
-    for name, value in saved.items():
-        if name in asked and asked[name] != value:
-            group = "data" if name == "vocab_size" else "model.config"
-            raise UsageError(
-                f"{path} holds a model with {name}={value}, but the config asks for {name}={asked[name]}; "
-                f"resume with the run's own config, or set {group}.{name}: {value}"
-            )
+        else:
+            hint = f"the run has saved no {ckpt_path} checkpoint yet, so start it afresh without --ckpt_path"
+        return existing_checkpoint(run / "checkpoints" / f"{ckpt_path}.ckpt", hint)
+    return existing_checkpoint(ckpt_path)
 
 
 def check_same_optimizer(checkpoint: dict[str, Any], optimizer: str, path: str | Path) -> None:
