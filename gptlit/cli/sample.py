@@ -95,7 +95,7 @@ def sample(
         draft_data: The prepared data directory the model was trained on (``data.data_dir``): greedy decoding
             (``--temperature 0``) then also guesses continuations seen in its training tokens, and confirms
             more tokens per forward pass. The same story, sooner.
-        compile: Compile the forward passes with ``torch.compile``: 15-20 s before the first story, faster after.
+        compile: Compile the forward passes with ``torch.compile``: a wait before the first story, faster after.
     """
     options = SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed, compile=compile)
     check_sampling_options(num_samples=num_samples, seed=seed)  # story i uses seed + i

@@ -39,7 +39,7 @@ class CausalLM(Protocol):
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """The most likely token id of each row of logits (..., V), the first on a tie: ``argmax(dim=-1)``.
 
-    ``max(dim=-1).indices`` is the same index, and on a CPU 3-4x faster than ``argmax`` over several rows.
+    ``max(dim=-1).indices`` is the same index, and on a CPU faster than ``argmax`` over several rows.
     """
     return logits.max(dim=-1).indices
 
@@ -280,9 +280,8 @@ def _compiled_forward() -> Callable[..., torch.Tensor]:
     Shapes are dynamic, so the graphs compiled for one architecture serve its other instances and every
     pass length; torch.compile still specializes batch 1, one-token passes and a full cache apart, up
     to 8 graphs per architecture, hence a higher limit where torch takes one (past the limit, passes
-    run eagerly). The first passes compile (15-20 s on a small CPU; Inductor's disk cache makes later
-    processes start in 1-2 s). The C++ wrapper calls the kernels without Python in between: ~8% faster
-    decoding on a CPU.
+    run eagerly). The first passes compile (Inductor's disk cache shortens that in later processes). The C++
+    wrapper calls the kernels without Python in between (the gain: `benchmarks/README.md`).
     """
     options: dict = {"dynamic": True, "options": {"cpp_wrapper": True}}
     if "recompile_limit" in inspect.signature(torch.compile).parameters:

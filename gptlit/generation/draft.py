@@ -91,8 +91,8 @@ class NgramTable:
         """The table of the model's own greedy continuations of the openings of ``stories`` training stories.
 
         Greedy decoding keeps to the phrasings the model settled on, so its own output predicts its next
-        output better than the training text does: on the benchmark model, 4.9 tokens per pass against
-        3.9 with `from_data_dir`, for 5-10 s of decoding (256 stories, batches of 8) to build it.
+        output better than the training text does (more tokens per pass than `from_data_dir`'s table, for the
+        decoding of 256 stories, in batches of 8, to build it; figures in `benchmarks/README.md`).
 
         Args:
             model: The model whose greedy decoding the table will draft for.
