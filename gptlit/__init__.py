@@ -20,7 +20,7 @@ from typing import Any
 from gptlit import moved
 from gptlit.model.config import GPTConfig
 
-__version__ = "0.2.0"
+__version__ = "0.3.0.dev0"
 
 moved.install()  # the module paths of gptlit 0.2.0 keep importing
 
