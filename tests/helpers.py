@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from gptlit.cli.main import cli_main
 from gptlit.data.datamodule import TextDataModule
 from gptlit.data.sources import TXT_SEPARATOR
+from gptlit.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from gptlit.generation.draft import NgramDraft, NgramTable
 from gptlit.generation.generate import sample_next
 from gptlit.model.config import GPTConfig
@@ -241,3 +243,38 @@ def expected_passes(
         done += kept + 1
         passes += 1
     return passes
+
+
+# Prepared data ---------------------------------------------------------------------------------------
+
+
+def decoded_split(data_dir: Path, split: str) -> list[str]:
+    """The stories in ``{split}.bin``, checking the ``<bos>``/``<eos>`` frame and meta.json's counts on the way."""
+    meta = json.loads((data_dir / "meta.json").read_text())
+    tokens = np.fromfile(data_dir / f"{split}.bin", dtype=meta["dtype"])
+    offsets = np.load(data_dir / f"{split}_offsets.npy")
+    tokenizer = Tokenizer.from_file(data_dir / "tokenizer.json")
+    counts = meta["splits"][split]
+    assert (len(tokens), len(offsets)) == (counts["tokens"], counts["stories"])
+    stories = []
+    for start, end in zip(offsets, [*offsets[1:], len(tokens)], strict=True):
+        ids = tokens[start:end].tolist()
+        assert ids[0] == BOS_ID and ids[-1] == EOS_ID and BOS_ID not in ids[1:-1] and EOS_ID not in ids[1:-1]
+        stories.append(tokenizer.decode(ids[1:-1], skip_special_tokens=False))
+    assert counts["text_bytes"] == sum(len(s.encode("utf-8")) for s in stories)
+    return stories
+
+
+def assert_split_of(train: list[str], val: list[str], expected: list[str]) -> None:
+    """``train`` and ``val`` together are ``expected``, each in corpus order, and val is not empty."""
+    assert sorted(train + val) == sorted(expected)
+    for split in (train, val):
+        positions = [expected.index(s) for s in split]
+        assert positions == sorted(positions)
+    assert len(val) >= 1
+
+
+def copy_prepared(prepared: Path, tmp_path: Path) -> Path:
+    """A copy of the ``prepared`` fixture's data directory in ``tmp_path``, to change."""
+    shutil.copytree(prepared / "data", tmp_path / "data")
+    return tmp_path / "data"
