@@ -26,7 +26,7 @@ def test_every_config_name_has_its_class_and_is_documented():
 
 
 def test_a_class_registered_under_a_name_the_config_lacks_or_twice_is_refused():
-    with pytest.raises(TypeError, match=r"'reglu' is not a free name.*gptlit/config\.py"):
+    with pytest.raises(TypeError, match=r"'reglu' is not a free name.*gptlit/model/config\.py"):
 
         class ReGLU(MLP, name="reglu"):
             pass

@@ -151,9 +151,12 @@ def test_a_forked_child_does_not_keep_its_parents_lock(tmp_path: Path) -> None:
         "from gptlit.locks import lock_directory\n"
         "lock_directory(sys.argv[1])\n"
         "child = os.fork()\n"
-        "if child == 0:\n"
+        "if child == 0:  # at-fork handlers have run: the child is where a DataLoader worker starts\n"
+        "    open(sys.argv[2] + '.child', 'w').close()\n"
         "    time.sleep(60)\n"
         "    os._exit(0)\n"
+        "while not os.path.exists(sys.argv[2] + '.child'):\n"
+        "    time.sleep(0.01)\n"
         "open(sys.argv[2], 'w').write(str(child))\n"
         "os._exit(0)  # without letting go, as under kill -9\n"
     )

@@ -80,7 +80,7 @@ def test_the_readme_lists_the_commands_a_new_user_meets() -> None:
     commands = readme_commands((ROOT / "README.md").read_text(encoding="utf-8"))
     subcommands = [shlex.split(c)[3] for c in commands]
     assert subcommands[0] == "fit" and {"sample", "prepare"} <= set(subcommands), commands
-    assert any("--ckpt_path last" in c and "--trainer.max_steps" in c for c in commands), "no extend command"
+    assert any("--ckpt_path stable" in c and "--trainer.max_steps" in c for c in commands), "no extend command"
 
 
 def test_the_notebook_trains_with_a_readme_command() -> None:
