@@ -9,7 +9,7 @@ The public face, imported on first use (``import gptlit`` itself stays light)::
     ids = model.generate(token_ids=tokenizer.encode("Once upon a time", bos=True), max_new_tokens=100)
     print(tokenizer.decode(ids))
 
-Batched sampling with streaming, eos and drafted greedy decoding: ``from gptlit.generation.generate import generate``.
+Batched sampling with streaming, eos and drafted decoding: ``from gptlit.generation.generate import generate``.
 """
 
 from __future__ import annotations

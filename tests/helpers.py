@@ -20,7 +20,7 @@ from gptlit.data.datamodule import TextDataModule
 from gptlit.data.sources import TXT_SEPARATOR
 from gptlit.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from gptlit.generation.draft import NgramDraft, NgramTable
-from gptlit.generation.generate import sample_next
+from gptlit.generation.sampling import pick_tokens, token_uniforms
 from gptlit.model.config import GPTConfig
 from gptlit.model.gpt import GPT
 
@@ -180,17 +180,23 @@ def prompt(length: int, seed: int = 0) -> list[int]:
 
 @torch.no_grad()
 def reference_generate(
-    model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, seed: int = 0
+    model: GPT,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+    top_k: int | None = None,
+    top_p: float | None = None,
 ) -> list[int]:
     """Decoding with no KV cache: each step a full causal forward (no input_pos) over the context.
 
     The context is generate_stream's documented window: it grows to block_size, then restarts from
     its last block_size // 2 tokens. While the sequence fits in block_size, that is simply
-    ``tokens[:, -block_size:]``. Samples come from sample_next with a generator seeded like generate's.
+    ``tokens[:, -block_size:]``. Samples are picked as generate's are: `pick_tokens` with the uniform number of
+    (seed, row 0, the token's index).
     """
     window, keep = model.config.block_size, max(1, model.config.block_size // 2)
     assert len(prompt_ids) <= window
-    generator = torch.Generator().manual_seed(seed)
     tokens, start = torch.tensor([prompt_ids]), 0
     for _ in range(max_new_tokens):
         if tokens.size(1) - start > window:
@@ -204,7 +210,7 @@ def reference_generate(
         if temperature == 0:
             next_id = logits.argmax(dim=-1)
         else:
-            next_id = sample_next(logits, temperature, generator=generator)
+            next_id = pick_tokens(logits, token_uniforms(seed, [(0, tokens.size(1))]), temperature, top_k, top_p)
         tokens = torch.cat((tokens, next_id.view(1, 1)), dim=1)
     return tokens[0, len(prompt_ids) :].tolist()
 

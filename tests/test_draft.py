@@ -1,4 +1,5 @@
-"""Greedy decoding with drafted tokens (prompt lookup): the same tokens in fewer forward passes."""
+"""Drafted decoding (prompt lookup, n-gram tables): the tokens of one token per pass, greedy or sampled, in fewer
+forward passes."""
 
 from __future__ import annotations
 
@@ -71,11 +72,64 @@ def test_one_token_per_pass_without_drafts(monkeypatch):
     assert counter.calls == 12 and counter.fed == [1] * 11  # the prompt, then each new token but the last
 
 
-def test_no_drafts_for_sampling_or_batches(monkeypatch):
+# Settings of sampling, each with the seed it is tried with: temperatures, top-k, top-p and both.
+SAMPLINGS = [
+    dict(temperature=0.5, seed=0),
+    dict(temperature=0.8, top_k=5, seed=1),
+    dict(temperature=1.0, top_p=0.9, seed=2),
+    dict(temperature=0.7, top_k=8, top_p=0.8, seed=2**64 - 1),
+    dict(temperature=1.3, seed=-5),
+]
+
+
+@ARCHITECTURES
+@pytest.mark.parametrize(("length", "new", "block_size"), [(4, 28, 32), (6, 90, 16)])
+def test_drafted_sampling_writes_the_tokens_of_plain_sampling(arch, length, new, block_size, monkeypatch):
+    # The same seed, the same tokens, in fewer passes; the second case slides the window 8 times.
+    model = tiny_model(block_size=block_size, **arch)
+    saved = 0
+    for i, sampling in enumerate(SAMPLINGS):
+        ids = prompt(length, seed=i) * 3
+        plain = generate(model, ids, new, draft_tokens=0, **sampling)
+        counter = CountingForward(model, monkeypatch)
+        drafted = generate(model, ids, new, **sampling)
+        monkeypatch.undo()
+        assert drafted == plain, sampling
+        if len(ids) + new <= block_size:
+            assert plain == [reference_generate(model, ids, new, **sampling)]
+        assert max(counter.fed) <= 9
+        saved += new - counter.calls
+    assert saved > 0, "no drafted token was ever confirmed"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_drafted_sampling_with_a_table_and_many_seeds(seed):
+    model = tiny_model(block_size=64, seed=seed % 3)
+    ids = prompt(5, seed=seed) * 2
+    table = NgramTable(np.array(prompt(300, seed=seed) * 2), vocab_size=model.config.vocab_size)
+    for sampling in SAMPLINGS:
+        sampling = {**sampling, "seed": sampling["seed"] ^ seed}
+        plain = generate(model, ids, 40, draft_tokens=0, **sampling)
+        assert generate(model, ids, 40, draft_table=table, **sampling) == plain
+        assert generate(model, ids, 40, draft_tokens=3, **sampling) == plain
+        assert model.generate(torch.tensor(ids), 40, **sampling)[0, len(ids) :].tolist() == plain[0]
+
+
+def test_a_seed_and_its_row_give_the_same_tokens_alone_or_in_a_batch():
+    # Row i of a batch samples as with (seed, row i): the batch of one prompt twice writes two stories, and each
+    # is the story the plain loop writes for it.
+    model = tiny_model(block_size=64)
+    ids = prompt(6, seed=3)
+    batch = generate(model, [ids, ids], 30, temperature=1.0, seed=9)
+    assert batch[0] == generate(model, ids, 30, temperature=1.0, seed=9)[0]
+    assert batch[0] != batch[1]
+
+
+def test_no_drafts_for_batches(monkeypatch):
     model = tiny_model()
     counter = CountingForward(model, monkeypatch)
-    generate(model, prompt(5) * 2, 12, temperature=1.0, seed=0)
     generate(model, [prompt(5) * 2, prompt(5) * 2], 12, temperature=0)
+    generate(model, [prompt(5) * 2, prompt(5) * 2], 12, temperature=1.0, seed=0)
     assert counter.calls == 24 and counter.fed == [1] * 22
 
 
@@ -145,6 +199,7 @@ def test_compiled_decoding_gives_the_same_tokens_without_falling_back_to_eager(m
         (rope, [prompts[0]], greedy),  # drafted, batch 1, sliding the window
         (rope, prompts, greedy),  # a batch of two lengths
         (rope, prompts, dict(temperature=1.0, seed=3)),
+        (rope, [prompts[0]], dict(temperature=0.8, top_k=10, seed=4)),  # drafted sampling
         (tiny_model(block_size=16, use_rope=False), [prompts[1]], greedy),  # another architecture
     ]
     for model, rows, options in cases:

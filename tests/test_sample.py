@@ -158,11 +158,12 @@ def test_compiled_sampling_writes_the_same_story(in_trained: Path, capsys) -> No
     assert compiled == plain and "compiled in" in err
 
 
-def test_draft_data_is_ignored_when_sampling(in_trained: Path, capsys) -> None:
-    args = ("--ckpt_path", "last", "--max_new_tokens", "20", "--temperature", "0.8", "--seed", "1")
-    plain, _ = sample_out(capsys, *args)
-    out, err = sample_out(capsys, *args, "--draft_data", "missing")  # not even read
-    assert out == plain and "ignored" in err
+def test_draft_data_gives_the_same_sampled_story(in_trained: Path, capsys) -> None:
+    args = ("--ckpt_path", "last", "--max_new_tokens", "40", "--temperature", "0.8", "--top_k", "40", "--seed", "1")
+    plain, _ = sample_out(capsys, *args, "--num_samples", "2")
+    drafted, _ = sample_out(capsys, *args, "--num_samples", "2", "--draft_data", "data")
+    one_by_one, _ = sample_out(capsys, *args, "--num_samples", "2", "--draft_tokens", "0")
+    assert drafted == plain == one_by_one and plain.count("--- sample") == 2
 
 
 def test_draft_data_of_another_tokenizer_is_a_clear_error(in_trained: Path, tmp_path: Path, capsys) -> None:

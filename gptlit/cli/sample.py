@@ -75,6 +75,7 @@ def sample(
     run_name: str | None = None,
     root_dir: str = ".",
     draft_data: str | None = None,
+    draft_tokens: int = 8,
     compile: bool = False,
 ) -> None:
     """Write stories with a trained model.
@@ -92,19 +93,23 @@ def sample(
         device: ``cpu``, ``cuda``, ``cuda:1``... or ``auto`` (a GPU when there is one).
         run_name: The run whose ``last``/``best`` checkpoint to use.
         root_dir: The directory holding ``lightning_logs/``.
-        draft_data: The prepared data directory the model was trained on (``data.data_dir``): greedy decoding
-            (``--temperature 0``) then also guesses continuations seen in its training tokens, and confirms
-            more tokens per forward pass. The same story, sooner.
+        draft_data: The prepared data directory the model was trained on (``data.data_dir``): decoding then
+            also guesses continuations seen in its training tokens, and confirms more tokens per forward pass.
+            The same story, sooner.
+        draft_tokens: Guessed tokens checked with each token, in one forward pass; 0 feeds one token at a time.
+            The same story either way.
         compile: Compile the forward passes with ``torch.compile``: a wait before the first story, faster after.
     """
-    options = SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed, compile=compile)
+    options = SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed, draft_tokens, compile)
     check_sampling_options(num_samples=num_samples, seed=seed)  # story i uses seed + i
     if not interactive:
         check_prompt(prompt)
     device = _device(device)
     path = find_checkpoint(ckpt_path, root_dir, run_name)
     model, tokenizer = load_model(path, device)
-    draft_table = _draft_table(tokenizer, temperature, draft_data)
+    draft_table = None
+    if draft_data is not None:
+        draft_table = NgramTable.from_data_dir(draft_data, tokenizer_sha256=tokenizer.sha256)
     if compile:  # compile before the first story, so that its speed is the decoding's
         start = time.perf_counter()
         warm_up = replace(options, max_new_tokens=2, temperature=0, draft_tokens=0)
@@ -141,14 +146,6 @@ def _device(name: str) -> str:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: this torch sees no CUDA device; use --device cpu")
     return name
-
-
-def _draft_table(tokenizer: Tokenizer, temperature: float, draft_data: str | None) -> NgramTable | None:
-    if draft_data is not None and temperature > 0:
-        print("[--draft_data speeds up greedy decoding (--temperature 0) only: ignored]", file=sys.stderr)
-    elif draft_data is not None:
-        return NgramTable.from_data_dir(draft_data, tokenizer_sha256=tokenizer.sha256)
-    return None
 
 
 def write_stories(

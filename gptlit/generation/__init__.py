@@ -1,5 +1,5 @@
-"""Decoding: the plain loop over the KV cache (decoding), drafted greedy decoding on top of it (draft), and the
-entry points that choose between them (``gptlit.generation.generate.generate``)."""
+"""Decoding: picking tokens (sampling), the plain loop over the KV cache (decoding), drafted decoding on top of it
+(draft), and the entry points that choose between them (``gptlit.generation.generate.generate``)."""
 
 from gptlit.faces import lazy_names
 

@@ -1,9 +1,10 @@
 """Batched sampling over a KV cache: greedy, temperature, top-k and nucleus (top-p), prompts of any lengths,
 past the context length by a sliding window, token by token.
 
-`sample_stream` is the plain decoding loop, one token per row per forward pass; `gptlit.generation.draft` builds drafted
-greedy decoding on top of the same `CachedDecoding`, and `gptlit.generation.generate` chooses between them. Nothing here
-imports the model: any module with `CausalLM`'s few methods decodes.
+`sample_stream` is the plain decoding loop, one token per row per forward pass; `gptlit.generation.draft` builds
+drafted decoding on top of the same `CachedDecoding`, and `gptlit.generation.generate` chooses between them. Tokens
+are picked by `gptlit.generation.sampling`. Nothing here imports the model: any module with `CausalLM`'s few methods
+decodes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from typing import Any, Protocol
 import torch
 
 from gptlit.errors import UsageError
+from gptlit.generation.sampling import greedy as greedy  # gptlit.sampling (0.2.0, now this module) had them
+from gptlit.generation.sampling import pick_tokens, random_seed, token_uniforms
+from gptlit.generation.sampling import sample_next as sample_next
 
 Prompts = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
 
@@ -34,39 +38,6 @@ class CausalLM(Protocol):
     def clear_kv_cache(self) -> None: ...
     def parameters(self) -> Iterator[torch.nn.Parameter]: ...
     def train(self, mode: bool = True) -> Any: ...
-
-
-def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """The most likely token id of each row of logits (..., V), the first on a tie: ``argmax(dim=-1)``.
-
-    ``max(dim=-1).indices`` is the same index, and on a CPU faster than ``argmax`` over several rows.
-    """
-    return logits.max(dim=-1).indices
-
-
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Pick one token id per row from logits (B, V); temperature 0 is greedy. Returns (B,)."""
-    if temperature == 0:
-        return greedy(logits)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass; the first always stays.
-        drop = probs.cumsum(dim=-1) - probs > top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
 
 
 def as_rows(prompt_ids: Prompts) -> list[list[int]]:
@@ -145,10 +116,10 @@ class SamplingOptions:
         temperature: Softmax temperature; 0 picks the most likely token (greedy).
         top_k: Sample only among the k most likely tokens (None: all).
         top_p: Sample only among the most likely tokens whose probabilities add up to top_p (nucleus; None: all).
-        seed: Seed of a private random generator: the same seed gives the same samples, and the global RNG is
-            left alone (None: a random seed).
-        draft_tokens: Greedy decoding of a single prompt checks up to this many guessed tokens per forward
-            pass (`gptlit.generation.draft`); 0 feeds one token at a time. The tokens are the same either way.
+        seed: The samples' seed: the same seed gives the same tokens, and torch's global random generator is
+            left alone (None: a seed drawn from it). Row i of a batch samples as with its own seed.
+        draft_tokens: Decoding of a single prompt checks up to this many guessed tokens per forward pass
+            (`gptlit.generation.draft`); 0 feeds one token at a time. The tokens are the same either way.
         compile: Run the forward passes through ``torch.compile`` (seconds to compile on the first call,
             faster decoding after; the logits differ by float rounding).
     """
@@ -218,15 +189,16 @@ def sample_stream(
     """
     B, lengths, seqs = len(rows), [len(row) for row in rows], [list(row) for row in rows]
     new_counts, done = [0] * B, [False] * B
-    temperature, top_k, top_p, seed = options.temperature, options.top_k, options.top_p, options.seed
+    filters = options.temperature, options.top_k, options.top_p
+    seed = random_seed() if options.seed is None else options.seed
     with CachedDecoding(model, B, options.compile) as decoding:
-        generator = None if seed is None else torch.Generator(device=decoding.device).manual_seed(seed)
         cur = min(lengths)
         start = decoding.window_start(cur)  # the cache holds tokens [start:cur] at positions 0..
         logits = decoding.prefill(seqs, start, cur)
         while True:
             step: dict[int, int] = {}
-            for i, token in enumerate(sample_next(logits, temperature, top_k, top_p, generator).tolist()):
+            uniforms = None if options.temperature == 0 else token_uniforms(seed, ((i, cur) for i in range(B)))
+            for i, token in enumerate(pick_tokens(logits, uniforms, *filters).tolist()):
                 if cur < lengths[i]:  # still reading its prompt: the sample is dropped
                     continue
                 seqs[i].append(token)

@@ -1,12 +1,14 @@
-"""Draft tokens for greedy decoding: from the text itself (prompt lookup) and from a corpus's n-grams.
+"""Drafted decoding: guessed tokens from the text itself (prompt lookup) and from a corpus's n-grams, checked in
+one forward pass.
 
 At batch 1 a decoding step is bound by reading the weights, not by arithmetic: checking eight guessed
 tokens in one forward pass costs little more than producing one. Stories repeat names and phrases, and
 greedy decoding repeats itself more, so the tokens that followed the last occurrence of the current
 n-gram are good guesses. Where the text has no such n-gram yet (early in a story), the most frequent
 continuations in a corpus (`NgramTable`) are the next best guess: the training data's, or better, the
-model's own greedy continuations of training-story openings. `gptlit.generation.generate` keeps the guesses the
-model agrees with, so the output is the greedy output either way.
+model's own greedy continuations of training-story openings. `drafted_stream` keeps the guesses that equal the
+token the model's logits pick at their position, greedy or sampled (a sample is a pure function of the logits
+and the position, `gptlit.generation.sampling`), so the output is the plain loop's output either way.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from gptlit.data.store import offsets_path, training_tokens
 from gptlit.errors import UsageError
-from gptlit.generation.decoding import CachedDecoding, CausalLM, SamplingOptions, collect, greedy, sample_stream
+from gptlit.generation.decoding import CachedDecoding, CausalLM, SamplingOptions, collect, sample_stream
+from gptlit.generation.sampling import TokenPicker, random_seed
 
 
 class NgramTable:
@@ -102,7 +104,7 @@ class NgramTable:
             eos_id: Stop a continuation at this id, as the decoding the table will serve does.
             batch_size: Openings decoded together. With ``compile``, a last, smaller batch compiles once more.
             tokenizer_sha256: As in `from_data_dir`: refuse a directory of another tokenizer.
-            compile: Decode with ``torch.compile`` (see `gptlit.generate.generate`).
+            compile: Decode with ``torch.compile`` (see `gptlit.generation.generate.generate`).
             kwargs: ``max_ngram``, ``min_ngram`` and ``min_count`` of the table.
         """
         if min(stories, prompt_tokens, batch_size) < 1:
@@ -196,60 +198,49 @@ class NgramDraft:
         return [self.tokens[start + i % period] for i in range(limit)]
 
 
-def drafted_greedy_stream(
+def drafted_stream(
     model: CausalLM,
     prompt: list[int],
     options: SamplingOptions,
     eos_id: int | None = None,
     table: NgramTable | None = None,
 ) -> Iterator[dict[int, int]]:
-    """Greedy decoding of one prompt, checking up to ``options.draft_tokens`` guessed tokens (`NgramDraft`) in
-    the forward pass of each token; yields ``{0: token}`` for each new token, as `decoding.sample_stream` does.
-    The options' temperature, top-k, top-p and seed play no part: the tokens are the greedy ones.
+    """Decoding of one prompt, checking up to ``options.draft_tokens`` guessed tokens (`NgramDraft`) in the
+    forward pass of each token; yields ``{0: token}`` for each new token, as `decoding.sample_stream` does, and
+    the same tokens: greedy, or sampled with the same seed.
 
-    The pass of a token and its guesses gives the model's greedy pick after each of them: the guesses it
-    confirms are the greedy tokens, in the cache already, and the pick after the last of them comes free.
+    The pass of a token and its guesses gives the logits at each of their positions, and so the token the plain
+    loop would pick there (`TokenPicker`): the guesses equal to it are confirmed, in the cache already, and the
+    pick after the last of them comes free.
     """
     seq, drafts = list(prompt), NgramDraft(prompt, table=table)
-    confirmed: list[int] = []  # guesses the model confirmed, in the cache already, still to be emitted
+    seed = random_seed() if options.seed is None else options.seed
+    pick = TokenPicker(options.temperature, options.top_k, options.top_p, seed, row=0)
     new_count, max_new_tokens = 0, options.max_new_tokens
     with CachedDecoding(model, 1, options.compile) as decoding:
         cur = len(seq)  # tokens known; the cache holds tokens [start:cur] at positions 0..
         start = decoding.window_start(cur)
-        logits = decoding.prefill([seq], start, cur)  # (1, V)
+        ready = pick(decoding.prefill([seq], start, cur), cur)  # the next tokens, known, not in the cache yet
         while True:
-            drafted = bool(confirmed)
-            token = confirmed.pop(0) if drafted else int(greedy(logits)[0])
-            seq.append(token)
-            drafts.append(token)
-            cur += 1
-            if token == eos_id:
-                return
-            yield {0: token}
-            new_count += 1
-            if new_count == max_new_tokens:
-                return
-            if drafted:
-                continue  # the pass that confirmed it gave what follows: the next guess, or logits after the last
+            for token in ready:
+                seq.append(token)
+                drafts.append(token)
+                if token == eos_id:
+                    return
+                yield {0: token}
+                new_count += 1
+                if new_count == max_new_tokens:
+                    return
+            cur = len(seq)  # the cache holds tokens [start:cur - 1]: the last one is fed next
             if cur - start > decoding.window:  # no room for token cur - 1: slide the window
                 start = decoding.window_start(cur)
-                logits = decoding.prefill([seq], start, cur)
+                ready = pick(decoding.prefill([seq], start, cur), cur)
                 continue
             # Guesses must fit in the window; past the tokens still wanted they would only cost time.
             room = min(options.draft_tokens, decoding.window - (cur - start), max_new_tokens - new_count - 1)
-            logits, confirmed = _check_guesses(decoding, seq[cur - 1], drafts.propose(room), cur - 1 - start)
-
-
-def _check_guesses(decoding: CachedDecoding, last: int, guess: list[int], pos: int) -> tuple[torch.Tensor, list[int]]:
-    """Feed the last token and the guesses after it at cache positions pos..; returns the logits (1, V) after
-    the last accepted token, and the accepted guesses: the longest prefix of the guesses that greedy decoding
-    would itself have produced."""
-    logits = decoding.run([[last, *guess]], pos)  # (1, 1 + len(guess), V)
-    accepted: list[int] = []
-    for token, expected in zip(guess, greedy(logits[0, :-1]).tolist(), strict=True):
-        if token != expected:
-            break
-        accepted.append(token)
-    # Keys and values of rejected guesses stay in the cache past the accepted positions: no query attends
-    # to a position after its own, and the next tokens fed overwrite them.
-    return logits[:, len(accepted)], accepted
+            guess = drafts.propose(room)
+            picks = pick(decoding.run([[seq[cur - 1], *guess]], cur - 1 - start)[0], cur)  # tokens cur..cur+len(guess)
+            accepted = next((i for i, (g, p) in enumerate(zip(guess, picks, strict=False)) if g != p), len(guess))
+            # Keys and values of rejected guesses stay in the cache past the accepted positions: no query attends
+            # to a position after its own, and the next tokens fed overwrite them.
+            ready = picks[: accepted + 1]  # the confirmed guesses, and the pick after the last of them

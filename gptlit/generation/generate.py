@@ -1,8 +1,7 @@
 """Sampling from a GPT with its KV cache: greedy (with drafted tokens), temperature, top-k and nucleus (top-p).
 
-The entry points. The plain batched loop is `gptlit.generation.decoding.sample_stream`; greedy decoding of a
-single prompt goes through `gptlit.generation.draft.drafted_greedy_stream`, which gives the same tokens in fewer
-forward passes.
+The entry points. The plain batched loop is `gptlit.generation.decoding.sample_stream`; decoding of a single prompt
+goes through `gptlit.generation.draft.drafted_stream`, which gives the same tokens in fewer forward passes.
 """
 
 from __future__ import annotations
@@ -13,18 +12,9 @@ from dataclasses import fields
 import torch
 
 from gptlit.errors import UsageError
-from gptlit.generation.decoding import (
-    CausalLM,
-    Prompts,
-    SamplingOptions,
-    as_rows,
-    check_args,
-    collect,
-    greedy,
-    sample_next,
-    sample_stream,
-)
-from gptlit.generation.draft import NgramTable, drafted_greedy_stream
+from gptlit.generation.decoding import CausalLM, Prompts, SamplingOptions, as_rows, check_args, collect, sample_stream
+from gptlit.generation.draft import NgramTable, drafted_stream
+from gptlit.generation.sampling import greedy, sample_next
 
 __all__ = ["SamplingOptions", "generate", "generate_stream", "greedy", "sample_next"]
 
@@ -73,11 +63,12 @@ def generate_stream(
     position 0 to refill the cache, and generation goes on; a row in a batch slides exactly when it would
     alone (`gptlit.generation.decoding`).
 
-    Greedy decoding of one prompt feeds, with each token, up to ``draft_tokens`` guesses of the tokens
-    after it (`gptlit.generation.draft.NgramDraft`, helped by the corpus continuations of ``draft_table``) and keeps
-    those the model's own argmax confirms: one forward pass can then yield several tokens, and the
-    tokens are the greedy ones (equal up to float rounding of the logits, as with any change of batch
-    shape).
+    Decoding of one prompt feeds, with each token, up to ``draft_tokens`` guesses of the tokens after it
+    (`gptlit.generation.draft.NgramDraft`, helped by the corpus continuations of ``draft_table``) and keeps those
+    equal to the token the model's logits pick at their position: one forward pass can then yield several tokens,
+    and the tokens are those of one token per pass, greedy or sampled with the same seed (a sample is a function
+    of the logits, the seed, the row and the position: `gptlit.generation.sampling`; equal up to float rounding of
+    the logits, as with any change of batch shape).
 
     ``compile`` runs the forward passes through ``torch.compile``: the first call compiles for some
     seconds, later ones decode faster (benchmarks/README.md); the logits differ by float rounding.
@@ -93,8 +84,8 @@ def generate_stream(
         )
     if options.max_new_tokens == 0:
         return
-    if len(rows) == 1 and options.temperature == 0 and options.draft_tokens > 0:
-        yield from drafted_greedy_stream(model, rows[0], options, eos_id, draft_table)
+    if len(rows) == 1 and options.draft_tokens > 0:
+        yield from drafted_stream(model, rows[0], options, eos_id, draft_table)
     else:
         yield from sample_stream(model, rows, options, eos_id)
 
@@ -127,8 +118,8 @@ def generate(
         max_new_tokens, temperature, top_k, top_p, seed, draft_tokens, compile: The `SamplingOptions`.
         eos_id: Stop a prompt's continuation at this id (not included in the output).
         on_token: Called as ``on_token(prompt_index, token_id)`` for each new token, as it is produced.
-        draft_table: Continuations seen in a corpus, guessed where the text so far offers none (greedy
-            decoding of one prompt, see `generate_stream`): the training data's (`NgramTable.from_data_dir`)
+        draft_table: Continuations seen in a corpus, guessed where the text so far offers none (decoding of
+            one prompt, see `generate_stream`): the training data's (`NgramTable.from_data_dir`)
             or the model's own greedy continuations (`NgramTable.from_model`). More tokens per pass, the
             same tokens.
         options: The sampling options as one `SamplingOptions`, instead of the keywords.

@@ -1,0 +1,119 @@
+"""Picking the next token from logits: greedy, or a sample after temperature, top-k and nucleus (top-p).
+
+A sample is drawn by inverse transform: one uniform number ``u`` per position, and the token whose slice of the
+cumulative distribution (over the kept tokens, in vocabulary order) holds ``u``. The number comes from a
+counter-based generator keyed by (seed, row, position in the sequence) (`token_uniforms`), so the token at a
+position is a pure function of the logits there: decoding that checks several guessed tokens in one forward pass
+(`gptlit.generation.draft`) picks exactly the token the one-token-per-pass loop picks, and a row samples the same
+tokens whatever the rows beside it. Each token is an exact draw from the filtered softmax: P(token = v) is v's
+share of the kept probability mass.
+
+Vocabulary order, not the order of probability, makes the pick robust to rounding: logits that differ in their
+last bits (a pass of several tokens against a pass of one) move each slice's edges by as little, so the pick
+changes only when ``u`` falls within rounding of an edge, as rarely as a near-tie flips greedy's arg-max.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+_MASK = 2**64 - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _mix(x: int) -> int:
+    """A 64-bit integer to a well-spread 64-bit integer (SplitMix64's finalizer after its increment)."""
+    x = (x + _GOLDEN) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def token_uniforms(seed: int, keys: Iterable[tuple[int, int]]) -> torch.Tensor:
+    """The uniform numbers in [0, 1) that pick the tokens at ``keys``, pairs (row, position: the token's index in
+    its row's sequence, prompt included), under ``seed``: a hash of the three, so any position's number is had
+    directly, in any order. (len(keys),) float64."""
+    seed = _mix(seed & _MASK)
+    return torch.tensor([(_mix(_mix(seed ^ row) ^ pos) >> 11) * 2.0**-53 for row, pos in keys], dtype=torch.float64)
+
+
+def random_seed() -> int:
+    """A seed drawn from torch's global generator: a decoding without a seed follows ``torch.manual_seed``."""
+    return int(torch.randint(2**62, ()))
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The most likely token id of each row of logits (..., V), the first on a tie: ``argmax(dim=-1)``.
+
+    ``max(dim=-1).indices`` is the same index, and on a CPU faster than ``argmax`` over several rows.
+    """
+    return logits.max(dim=-1).indices
+
+
+def pick_tokens(
+    logits: torch.Tensor,
+    uniforms: torch.Tensor | None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """The token of each row of logits (N, V) that its uniform number (N,) picks after temperature, top-k and
+    top-p (see the module's docstring); temperature 0 is greedy and ignores the numbers. Returns (N,)."""
+    if temperature == 0:
+        return greedy(logits)
+    scores = logits.float() / temperature  # (N, V)
+    vocab_size = scores.size(-1)
+    k = vocab_size if top_k is None else min(top_k, vocab_size)
+    nucleus = top_p is not None and top_p < 1.0
+    ids = None  # the kept tokens' ids when not the whole vocabulary
+    if k < vocab_size or nucleus:
+        scores, ids = torch.topk(scores, k, dim=-1)  # (N, k), most likely first
+        if nucleus:
+            probs = scores.softmax(dim=-1)
+            # Drop a token when the tokens ranked above it already hold top_p of the mass; the first always stays.
+            scores = scores.masked_fill(probs.cumsum(dim=-1) - probs > top_p, float("-inf"))
+        ids, order = ids.sort(dim=-1)  # back to vocabulary order
+        scores = scores.gather(-1, order)
+    cdf = scores.double().softmax(dim=-1).cumsum(dim=-1)  # (N, K)
+    total = cdf[:, -1:]  # 1 up to rounding
+    # Strictly below the total, so that the slice found is a kept token's (one of positive probability).
+    target = torch.minimum(uniforms.to(cdf.device).unsqueeze(-1) * total, torch.nextafter(total, cdf.new_zeros(())))
+    picked = torch.searchsorted(cdf, target, right=True)  # (N, 1): the first token whose slice ends above target
+    return (picked if ids is None else ids.gather(-1, picked)).squeeze(-1)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token id per row from logits (B, V) with uniform numbers from ``generator`` (the global one by
+    default); temperature 0 is greedy. Returns (B,)."""
+    if temperature == 0:
+        return greedy(logits)
+    uniforms = torch.rand(logits.size(0), generator=generator, dtype=torch.float64, device=logits.device)
+    return pick_tokens(logits, uniforms, temperature, top_k, top_p)
+
+
+class TokenPicker:
+    """The tokens of one row of a decoding: `pick_tokens` with the row's `token_uniforms` under one seed.
+
+    Args:
+        temperature, top_k, top_p: As `pick_tokens`.
+        seed: The decoding's seed (any integer; it is taken modulo 2**64).
+        row: The row's index in the decoding: rows of one seed sample independently.
+    """
+
+    def __init__(self, temperature: float, top_k: int | None, top_p: float | None, seed: int, row: int) -> None:
+        self.temperature, self.top_k, self.top_p, self.seed, self.row = temperature, top_k, top_p, seed, row
+
+    def __call__(self, logits: torch.Tensor, first: int) -> list[int]:
+        """The tokens at positions first, first + 1, ... that logits (N, V) predict, one per row."""
+        if self.temperature == 0:
+            return greedy(logits).tolist()
+        uniforms = token_uniforms(self.seed, ((self.row, p) for p in range(first, first + logits.size(0))))
+        return pick_tokens(logits, uniforms, self.temperature, self.top_k, self.top_p).tolist()
