@@ -149,13 +149,13 @@ def saved_budget(ckpt: Path) -> tuple[dict, float, int]:
     return plan, timer["time_elapsed"]["train"], saved["global_step"]
 
 
-def assert_ended_inside_the_budget_with_the_decay_done(run: Path) -> dict:
+def assert_ended_inside_the_budget_with_the_decay_done(run: Path, budget_s: float = BUDGET_S) -> dict:
     plan, spent, step = saved_budget(run / "checkpoints" / "last.ckpt")
     assert plan["decay_start"] is not None and step == plan["total"] > plan["decay_start"]
     # The last step inside the budget (the plan's end, before Lightning's max_time stop), then at most one
     # validation and its checkpoint writes beyond it.
-    assert plan["elapsed_s"] <= BUDGET_S
-    assert spent <= BUDGET_S + plan["validation_s"] + 2 * plan["pause_s"]
+    assert plan["elapsed_s"] <= budget_s
+    assert spent <= budget_s + plan["validation_s"] + 2 * plan["pause_s"]
     logged = scalars(run)
     lrs = logged["train/lr/no_decay"]
     assert [s for s, _ in lrs] == list(range(step))  # one curve, every step once
@@ -211,3 +211,27 @@ def test_kill_9_in_the_decay_resumes_the_same_plan(workdir: Path, one_thread: di
     resumed = assert_ended_inside_the_budget_with_the_decay_done(run)
     assert (resumed["total"], resumed["decay_start"]) == (plan["total"], plan["decay_start"])
     assert saved_budget(run / "checkpoints" / "last.ckpt")[1] > spent
+
+
+@pytest.mark.slow
+def test_a_longer_budget_extends_a_finished_run_from_its_stable_checkpoint(workdir: Path, one_thread, capsys) -> None:
+    run_cli("fit", "--config", str(budget_config(workdir, "extended")))
+    run = workdir / "lightning_logs" / "extended"
+    first = assert_ended_inside_the_budget_with_the_decay_done(run)
+    stable, _, at = saved_budget(run / "checkpoints" / "stable.ckpt")
+    assert at == first["decay_start"] == stable["decay_start"]  # the state as the decay started
+
+    # Another budget from last (past the decay's start) would lay the decay anew mid-way: refused in one line.
+    before = (run / "checkpoints" / "last.ckpt").read_bytes()
+    longer = f"--trainer.max_time={json.dumps({'seconds': 2 * BUDGET_S})}"
+    with pytest.raises(SystemExit) as refused:
+        run_cli("fit", "--ckpt_path", "last", longer)
+    assert refused.value.code == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "past the start of its learning-rate decay" in message and "--ckpt_path stable" in message
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
+
+    # From stable: a plan made anew over the longer budget, one decay at its end.
+    run_cli("fit", "--ckpt_path", "stable", longer)
+    extended = assert_ended_inside_the_budget_with_the_decay_done(run, budget_s=2 * BUDGET_S)
+    assert extended["decay_start"] > first["decay_start"] and extended["total"] > first["total"]

@@ -3,7 +3,8 @@
 Each ``python -m gptlit`` command of "Quick start", "On a CPU, or without the Hub" and "Watch, resume, prepare"
 (fenced or inline) runs in a fresh directory holding a copy of ``configs/`` and a small corpus in the official
 TinyStories layout. Only what cannot run in a test is changed, and every change is listed in ``SUBSTITUTIONS``
-and ``SMALL``: the data file's name, step counts, and a small model and vocabulary.
+and ``SMALL``: the data file's name, step counts (which also stand for time budgets), and a small model and
+vocabulary.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def runnable(command: str) -> list[str]:
         return args
     if "--trainer.max_steps" in args:
         args[args.index("--trainer.max_steps") + 1] = str(EXTENDED_STEPS)
+    elif "--trainer.max_time" in args and "--ckpt_path" in args:  # an extension: its steps stand for its time
+        args += ["--trainer.max_steps", str(EXTENDED_STEPS)]
     elif "--ckpt_path" not in args:
         args += FRESH_STEPS
     if not any(a.startswith("--data.source") for a in args) and "--ckpt_path" not in args:
@@ -80,7 +83,8 @@ def test_the_readme_lists_the_commands_a_new_user_meets() -> None:
     commands = readme_commands((ROOT / "README.md").read_text(encoding="utf-8"))
     subcommands = [shlex.split(c)[3] for c in commands]
     assert subcommands[0] == "fit" and {"sample", "prepare"} <= set(subcommands), commands
-    assert any("--ckpt_path stable" in c and "--trainer.max_steps" in c for c in commands), "no extend command"
+    extend = ("--trainer.max_steps", "--trainer.max_time")
+    assert any("--ckpt_path stable" in c and any(e in c for e in extend) for c in commands), "no extend command"
 
 
 def test_the_notebook_trains_with_a_readme_command() -> None:

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import RichProgressBar, Timer, TQDMProgressBar
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim.lr_scheduler import LambdaLR
 
+from gptlit.errors import UsageError
 from gptlit.training.budget import BudgetPlan, StepRate
 from gptlit.training.lightning_private import set_max_steps
 
@@ -70,9 +71,30 @@ class TimeBudget(L.Callback):
         if self.plan is None:
             return
         self._rate, self._step_seen = StepRate(), trainer.global_step
+        if self._saved and self.plan.frozen:
+            self._extend(trainer.global_step, trainer.ckpt_path)
         if self.plan.total is not None:
             rank_zero_info(f"Resuming the plan of {self.plan.describe()}")
             self._follow(trainer, batches_done=0)
+
+    def _extend(self, step: int, ckpt_path: str | None) -> None:
+        """A resume with another budget or step cap than the frozen plan's: from the plan's decay start (the state
+        ``stable.ckpt`` holds) the plan is made anew over the new budget, and decays once, at its end; from a
+        state past it, refused in one line (the rate would jump mid-decay)."""
+        plan, saved = self.plan, self._saved
+        if (saved.get("budget_s"), saved.get("max_steps")) == (plan.budget_s, plan.max_steps):
+            return
+        if step <= plan.decay_start:
+            plan.decay_start, plan.noted = None, None
+            rank_zero_info(f"gptlit: a plan made anew from step {step}, for a {plan.describe().split(':')[0]}")
+            return
+        own = _clock(saved["budget_s"])
+        raise UsageError(
+            f"{ckpt_path} is at step {step}, past the start of its learning-rate decay (step {plan.decay_start} of "
+            f"{plan.total}, planned for {own}): another trainer.max_time or max_steps would lay the decay anew "
+            f"mid-way; extend the run from the state before its decay with --ckpt_path stable and the new "
+            f"--trainer.max_time, or resume with --trainer.max_time {own}"
+        )
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         if self.plan is None:
@@ -134,6 +156,14 @@ class TimeBudget(L.Callback):
         step = trainer.global_step
         set_max_steps(trainer, self.plan.total if self.plan.frozen else max(self.plan.total, step + 1))
         _show_total(trainer, batches_done + (trainer.max_steps - step) * trainer.accumulate_grad_batches)
+
+
+def _clock(seconds: float) -> str:
+    """Seconds as ``trainer.max_time`` writes them: ``DD:HH:MM:SS``."""
+    minutes, second = divmod(round(seconds), 60)
+    hours, minute = divmod(minutes, 60)
+    days, hour = divmod(hours, 24)
+    return f"{days:02d}:{hour:02d}:{minute:02d}:{second:02d}"
 
 
 def _show_total(trainer: L.Trainer, batches: int) -> None:
