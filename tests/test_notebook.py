@@ -62,8 +62,10 @@ def test_notebook_runs_on_the_latest_run(workdir: Path, monkeypatch: pytest.Monk
     assert any("image/png" in out.get("data", {}) for out in plot.outputs)
 
     speeds = printed(cell_with(nb, "NgramTable.from_data_dir(")).splitlines()
-    assert len(speeds) == 6 and speeds[0].startswith("the model's own table: ")
-    assert all("tokens/s" in line for line in speeds[1:5]) and speeds[5] == "the same story each way: True"
+    assert len(speeds) == 13 and speeds[0].startswith("the model's own table: ")
+    for greedy_or_sampled in (speeds[1:7], speeds[7:13]):  # each: the settings, four speeds, the check
+        assert all("tokens/s" in line for line in greedy_or_sampled[1:5])
+        assert greedy_or_sampled[5] == "the same story each way: True"
 
     story = printed(nb.cells[-1])
     assert story.startswith("Once upon a time") and len(story) > len("Once upon a time") + 10
