@@ -2,17 +2,18 @@
 slice, at equal tokens (one pass over the training split) or at equal wall-clock (minutes of training).
 
     python benchmarks/recipe.py --budget tokens --seeds 0 1                   # every candidate, one pass each
-    python benchmarks/recipe.py --budget minutes --minutes 10 --candidates 0.1.0 tiny --seeds 0 1
+    python benchmarks/recipe.py --budget minutes --minutes 10 --candidates tiny-260 tiny --seeds 0 1
 
 Every run is `python -m gptlit fit` in a subprocess, on the shared 2 MiB slice with 10% of its stories held out
 (~230 stories, ~50k tokens: enough to tell 1% apart), and is scored on all of them afterwards (bpb of the last
-checkpoint, in float32). "0.1.0" is gptlit 0.1.0's configs/tiny.yaml; "tiny" is today's configs/tiny.yaml; the
-others change one thing of a reference recipe (``--reference``). A minutes budget is met by sizing each run's
-max_steps from its own speed, measured first in a short run (so that its schedule ends where the budget does):
-the table reports the training minutes each run really took (Lightning's ThroughputMonitor time, validation
-excluded). Results: a table with ratios to the first candidate, and ``--write`` puts it in benchmarks/README.md.
-A run that ``--work`` already holds, finished with the same settings, is scored again rather than retrained
-(``--fresh`` retrains it): the table can gather runs made in several invocations.
+checkpoint, in float32). "0.1.0" is gptlit 0.1.0's configs/tiny.yaml; "tiny" is today's configs/tiny.yaml;
+"tiny-260" is configs/tiny.yaml as it was sized in steps (260 steps, float32); the others change one thing of a
+reference recipe (``--reference``). A minutes budget is gptlit's own: ``trainer.max_time`` with no ``max_steps``, so
+the schedule is planned over the time from the measured speed (a candidate with its own ``max_steps``, such as
+tiny-260, runs its steps instead); the table reports the steps each run took and its training minutes (Lightning's
+``Timer``: validation and checkpoints included). Results: a table with ratios to the first candidate, and ``--write``
+puts it in benchmarks/README.md. A run that ``--work`` already holds, finished with the same settings, is scored
+again rather than retrained (``--fresh`` retrains it): the table can gather runs made in several invocations.
 """
 
 from __future__ import annotations
@@ -55,6 +56,21 @@ RECIPE_0_1_0 = {
     },
     "data": {"vocab_size": 4096, "tokenizer_train_stories": 20000, "batch_size": 16},
 }
+# configs/tiny.yaml as it was sized in steps, before the time budget: 260 steps in float32, four validations.
+RECIPE_TINY_260 = {
+    "trainer": {"max_steps": 260, "precision": "32-true", "gradient_clip_val": 1.0},
+    "model": {
+        "config": {"block_size": 256, "embed_dim": 256, "n_heads": 4, "n_layers": 4, "dropout": 0.0},
+        "optimizer": "muon",
+        "muon_lr": 0.04,
+        "schedule": "wsd",
+        "learning_rate": 6.0e-3,
+        "min_lr": 6.0e-4,
+        "warmup": 0.05,
+        "weight_decay": 0.1,
+    },
+    "data": {"vocab_size": 4096, "tokenizer_train_stories": 20000, "batch_size": 16},
+}
 # Changes to the reference recipe, one each (a dotted key: its value).
 CANDIDATES: dict[str, dict[str, object]] = {
     "0.1.0": {},
@@ -76,6 +92,7 @@ CANDIDATES: dict[str, dict[str, object]] = {
     "deeper": {"model.config.n_layers": 6, "model.config.embed_dim": 192, "model.config.n_heads": 3},
     "wider": {"model.config.n_layers": 2, "model.config.embed_dim": 384, "model.config.n_heads": 6},
     "dropout0.1": {"model.config.dropout": 0.1},
+    "dropout0.2": {"model.config.dropout": 0.2},
     "wd0.3": {"model.weight_decay": 0.3},  # AdamW's decay: under Muon, an untied head's alone
     "muon-wd0.1": {"model.muon_weight_decay": 0.1},
 }
@@ -102,11 +119,15 @@ def recipe(name: str, reference: dict) -> dict:
     """The full settings of a candidate: "0.1.0", "tiny" (configs/tiny.yaml), or the reference changed."""
     if name == "0.1.0":
         return json.loads(json.dumps(RECIPE_0_1_0))
-    if name == "tiny":
+    if name == "tiny-260":
+        return json.loads(json.dumps(RECIPE_TINY_260))
+    if name.split("+")[0] == "tiny":  # tiny, or tiny+<candidate>: configs/tiny.yaml changed as the candidate says
         settings = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-        return {k: settings[k] for k in ("trainer", "model", "data") if k in settings}
-    settings = json.loads(json.dumps(reference))
-    for key, value in CANDIDATES[name].items():
+        settings = {k: settings[k] for k in ("trainer", "model", "data") if k in settings}
+        name = name.partition("+")[2]
+    else:
+        settings = json.loads(json.dumps(reference))
+    for key, value in CANDIDATES.get(name, {}).items():
         *path, last = key.split(".")
         node = settings
         for part in path:
@@ -115,17 +136,26 @@ def recipe(name: str, reference: dict) -> dict:
     return settings
 
 
-def write_run_config(work: Path, name: str, settings: dict, max_steps: int, seed: int, log_every: int = 10) -> Path:
-    trainer = {k: v for k, v in settings["trainer"].items() if k != "callbacks"}
+def write_run_config(
+    work: Path, name: str, settings: dict, seed: int, steps: int | None = None, minutes: float | None = None
+) -> Path:
+    """A run's config: ``steps`` optimizer steps, or a time budget of ``minutes`` planned by gptlit (the
+    candidate's own ``max_steps``, when it has one, wins over both); one validation, at the end."""
+    trainer = {k: v for k, v in settings["trainer"].items() if k not in ("callbacks", "max_time")}
+    steps = trainer.pop("max_steps", steps)
+    once = steps or 10**9  # validation and checkpoint: at the end only (the fit's last validation, last.ckpt)
+    hours, seconds = divmod(round(60 * (minutes or 0)), 3600)
+    max_time = f"00:{hours:02d}:{seconds // 60:02d}:{seconds % 60:02d}"
+    limits = {"max_steps": steps} if steps else {"max_steps": -1, "max_time": max_time}
     config = {
         "seed_everything": seed,
         "trainer": {
             **trainer,
-            "max_steps": max_steps,
-            "val_check_interval": max_steps,  # one validation, at the end: the score comes from the full split below
+            **limits,
+            "val_check_interval": once,  # the score comes from the full split below
             "limit_val_batches": 1,
             "check_val_every_n_epoch": None,
-            "log_every_n_steps": log_every,
+            "log_every_n_steps": 10,
             "enable_progress_bar": False,
             "enable_model_summary": False,
             "callbacks": [],
@@ -138,7 +168,7 @@ def write_run_config(work: Path, name: str, settings: dict, max_steps: int, seed
             "val_fraction": VAL_FRACTION,
             "num_workers": 0,
         },
-        "checkpoint": {"every_n_train_steps": max_steps},
+        "checkpoint": {"every_n_train_steps": once},
     }
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -153,14 +183,21 @@ def contains(saved: object, wanted: object) -> bool:
 
 
 def finished(run: Path, config: Path) -> bool:
-    """Whether ``run`` already trained to the end with the settings of ``config`` (its own config.yaml matches)."""
+    """Whether ``run`` already trained to the end with the settings of ``config`` (its own config.yaml matches):
+    its steps, or the last step its time budget planned."""
     saved, last = run / "config.yaml", run / "checkpoints" / "last.ckpt"
     wanted = yaml.safe_load(config.read_text())
     if not (saved.exists() and last.exists()):
         return False
-    if torch.load(last, map_location="cpu", weights_only=True)["global_step"] != wanted["trainer"]["max_steps"]:
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    plan = checkpoint.get("callbacks", {}).get("TimeBudget", {}).get("plan") or {}
+    trainer = wanted["trainer"]
+    budgeted = trainer["max_steps"] <= 0
+    if budgeted and plan.get("decay_start") is None:  # stopped before its plan was final
         return False
-    wanted["trainer"] = {k: wanted["trainer"][k] for k in ("max_steps", "precision")}
+    if checkpoint["global_step"] != (plan.get("total") if budgeted else trainer["max_steps"]):
+        return False
+    wanted["trainer"] = {k: trainer[k] for k in ("max_steps", "max_time", "precision") if k in trainer}
     return contains(yaml.safe_load(saved.read_text()), wanted)
 
 
@@ -180,14 +217,6 @@ def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def tokens_per_second(work: Path, name: str, settings: dict) -> float:
-    """Training speed of a candidate: the median of ThroughputMonitor's windows of 10 batches over a short run
-    (steps 10 to 16, the first ones warm up)."""
-    config = write_run_config(work, f"{name}-speed", settings, max_steps=16, seed=0, log_every=1)
-    rates = [v for _, v in scalars(fit(work, f"{name}-speed", config))["train/device/items_per_sec"]]
-    return statistics.median(rates)
-
-
 @torch.inference_mode()
 def score(run: Path, data_dir: Path) -> float:
     """Bits per byte of the whole held-out split under the run's last checkpoint (float32, every window)."""
@@ -204,9 +233,13 @@ def score(run: Path, data_dir: Path) -> float:
     return nats / len(x) / math.log(2) / bytes_per_token
 
 
-def train_minutes(run: Path) -> float:
-    """Training time of the run (ThroughputMonitor's, validation excluded), in minutes."""
-    return scalars(run)["train/time"][-1][1] / 60
+def run_figures(run: Path) -> tuple[int, float]:
+    """(steps, minutes) of a run: its optimizer steps, and its training time (Lightning's ``Timer`` under a time
+    budget, validation and checkpoints included; ThroughputMonitor's otherwise, validation excluded)."""
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    timer = checkpoint.get("callbacks", {}).get("Timer", {}).get("time_elapsed", {})
+    seconds = timer.get("train") or scalars(run)["train/time"][-1][1]
+    return checkpoint["global_step"], seconds / 60
 
 
 def main() -> None:
@@ -214,7 +247,12 @@ def main() -> None:
     parser.add_argument("--budget", choices=["tokens", "minutes"], default="tokens")
     parser.add_argument("--minutes", type=float, default=10.0, help="the minutes budget's training time")
     parser.add_argument("--passes", type=float, default=1.0, help="the tokens budget, in passes over the split")
-    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), help=f"of {', '.join(CANDIDATES)}, tiny")
+    parser.add_argument(
+        "--candidates",
+        nargs="+",
+        default=list(CANDIDATES),
+        help=f"of {', '.join(CANDIDATES)}, tiny, tiny-260, tiny+<one of them>",
+    )
     parser.add_argument("--reference", default="fp32", help="the candidate the others change one thing of")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gptlit-recipe")
@@ -227,22 +265,27 @@ def main() -> None:
     for name in args.candidates:
         settings = recipe(name, reference)
         tokens_per_step = settings["data"]["batch_size"] * settings["model"]["config"]["block_size"]
-        steps, bpbs, minutes = None, [], []
+        bpbs, steps, minutes = [], [], []
         for seed in args.seeds:
-            if steps is None:
-                steps = budget_steps(args, name, settings, tokens_per_step)
-            config = write_run_config(args.work, name, settings, steps, seed)
+            if args.budget == "minutes":
+                config = write_run_config(args.work, name, settings, seed, minutes=args.minutes)
+            else:
+                config = write_run_config(args.work, name, settings, seed, steps=pass_steps(args, name, settings))
             run = fit(args.work, f"{name}{budget_tag(args)}-{seed}", config, reuse=not args.fresh)
             data_dir = args.work / f"data-{settings['data']['vocab_size']}"
             bpbs.append(score(run, data_dir))
-            minutes.append(train_minutes(run))
-            print(f"{name} seed {seed}: {steps} steps, {minutes[-1]:.2f} min, val bpb {bpbs[-1]:.4f}", flush=True)
+            steps.append(run_figures(run)[0])
+            minutes.append(run_figures(run)[1])
+            print(f"{name} seed {seed}: {steps[-1]} steps, {minutes[-1]:.2f} min, val bpb {bpbs[-1]:.4f}", flush=True)
         results[name] = statistics.mean(bpbs)
         first = results[args.candidates[0]]
         per_seed = " / ".join(f"{b:.4f}" for b in bpbs)
         figures = [f"{statistics.mean(minutes):.2f}", per_seed, f"{results[name]:.4f}", f"{results[name] / first:.3f}"]
-        rows.append([name, f"{steps}", f"{steps * tokens_per_step:,}", *figures])
-    table = markdown_table(["recipe", "steps", "tokens", "train min", "val bpb per seed", "mean", "vs first"], rows)
+        mean_steps = round(statistics.mean(steps))
+        rows.append([name, " / ".join(map(str, steps)), f"{mean_steps * tokens_per_step:,}", *figures])
+    table = markdown_table(
+        ["recipe", "steps per seed", "tokens (mean)", "train min", "val bpb per seed", "mean", "vs first"], rows
+    )
     budget = f"{args.minutes:g} minutes of training" if args.budget == "minutes" else f"{args.passes:g} pass(es)"
     report = (
         f"`python benchmarks/recipe.py --budget {args.budget}`: {budget} on the TinyStories slice, seeds "
@@ -262,13 +305,12 @@ def budget_tag(args: argparse.Namespace) -> str:
     return "" if args.passes == 1 else f"-{args.passes:g}passes"
 
 
-def budget_steps(args: argparse.Namespace, name: str, settings: dict, tokens_per_step: int) -> int:
-    """Optimizer steps of a run: one pass over the training split, or what the minutes budget allows."""
-    if args.budget == "minutes":
-        return max(10, round(args.minutes * 60 * tokens_per_second(args.work, name, settings) / tokens_per_step))
+def pass_steps(args: argparse.Namespace, name: str, settings: dict) -> int:
+    """Optimizer steps of ``--passes`` passes over the training split."""
+    tokens_per_step = settings["data"]["batch_size"] * settings["model"]["config"]["block_size"]
     data_dir = args.work / f"data-{settings['data']['vocab_size']}"
     if not (data_dir / "meta.json").exists():  # prepare it with a first, tiny run
-        fit(args.work, f"{name}-prepare", write_run_config(args.work, name, settings, max_steps=1, seed=0))
+        fit(args.work, f"{name}-prepare", write_run_config(args.work, name, settings, seed=0, steps=1))
     train_tokens = read_meta(data_dir)["splits"]["train"]["tokens"]
     return max(10, round(args.passes * train_tokens / tokens_per_step))
 
