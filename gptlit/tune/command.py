@@ -101,7 +101,7 @@ def tune(args: list[str]) -> None:
         return
     params = read_search(options.search)
     base = [arg for config in options.config for arg in ("--config", config)] + fit_options
-    check_fit_options(base + fit_args({p.key: p.first() for p in params}))
+    check_fit_options(base + fit_args({p.key: p.first() for p in params}), options.search)
     study_dir.mkdir(parents=True, exist_ok=True)
     storage = open_storage(optuna, url)
     study = optuna.create_study(
@@ -229,7 +229,7 @@ def show(optuna: Any, url: str, study_name: str, study_dir: Path, root: str | No
     print(f"  watch:    tensorboard --logdir {study_dir}   (HPARAMS compares the trials)")
 
 
-def check_fit_options(args: list[str]) -> None:
+def check_fit_options(args: list[str], search: str) -> None:
     """Refuse, in one line and before any training, options that ``fit`` would not take: the config, the shared
     options and the search's keys (with each one's first value), parsed by ``fit --print_config``."""
     command = [sys.executable, "-m", "gptlit", "fit", *args, "--print_config"]
@@ -237,7 +237,8 @@ def check_fit_options(args: list[str]) -> None:
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         message = next((ln for ln in reversed(lines) if ln.startswith("gptlit: error: ")), lines[-1] if lines else "")
-        raise UsageError(f"fit refuses the trials' options: {message.removeprefix('gptlit: error: ')}")
+        given = f"the config, the other options and the first values of {search}"
+        raise UsageError(f"fit refuses the trials' options ({given}): {message.removeprefix('gptlit: error: ')}")
 
 
 def _import_optuna() -> Any:

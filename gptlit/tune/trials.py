@@ -9,6 +9,7 @@ batch, with ``last.ckpt`` saved) when Optuna prunes it.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -54,11 +55,16 @@ class TrialOutcome:
     def error(self, log: Path) -> str:
         """Why a failed ``fit`` failed, in one line: its ``gptlit: error:`` line, else its last line."""
         lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines()]
-        errors = [line.removeprefix("gptlit: error: ") for line in lines if line.startswith("gptlit: error: ")]
+        errors = [_reason(line) for line in lines if line.startswith("gptlit: error: ")]
         last = next((line for line in reversed(lines) if line), "")
         if self.returncode < 0:
             return f"killed by signal {-self.returncode} ({signal.Signals(-self.returncode).name})"
         return errors[-1] if errors else last or f"fit exited with code {self.returncode}"
+
+
+def _reason(error_line: str) -> str:
+    """A ``gptlit: error:`` line without its prefix and its pointer to ``fit --help``."""
+    return re.sub(r"; see `[^`]*--help` for the options$", "", error_line.removeprefix("gptlit: error: "))
 
 
 def fit_command(args: list[str], files: TrialFiles) -> list[str]:
