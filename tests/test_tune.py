@@ -16,6 +16,7 @@ import yaml
 from helpers import run_cli, write_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from gptlit.tune.command import check_fit_options
 from gptlit.tune.space import Param, fit_args, read_search
 
 ROOT = Path(__file__).parents[1]
@@ -94,7 +95,13 @@ def test_a_search_file_reads_as_optunas_suggest_calls(tmp_path: Path) -> None:
         "--model.config.mlp=gelu",
         "--model.config.qk_norm=true",
     ]
-    assert [p.key for p in read_search(ROOT / "configs" / "search" / "tiny.yaml")][0] == "model.learning_rate"
+
+
+def test_the_shipped_search_is_one_that_fit_takes_with_its_config() -> None:
+    search = ROOT / "configs" / "search" / "tiny.yaml"
+    params = read_search(search)
+    ends = {p.key: p.choices[-1] if p.type == "categorical" else p.high for p in params}
+    check_fit_options(["--config", str(ROOT / "configs" / "tiny.yaml"), *fit_args(ends)], str(search))
 
 
 BAD_SEARCHES = {
