@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 import yaml
 
 from gptlit.errors import ConfigError, UsageError
+from gptlit.training.runs import shown
 from gptlit.tune.space import Param, fit_args, read_search
 from gptlit.tune.study import (
     ERROR,
@@ -37,12 +38,14 @@ from gptlit.tune.study import (
     log_hparams,
     mark_lost_trials,
     open_storage,
+    shown_value,
     table,
     worker,
     write_best,
 )
 from gptlit.tune.trials import TrialFiles, fit_command, run_fit
 
+STOPPED_CODE = 130  # fit's exit code when Ctrl-C or SIGTERM stopped it (last.ckpt saved)
 INSTALL = 'pip install -e ".[tune]" (or pip install "gptlit[tune]")'
 
 
@@ -113,7 +116,10 @@ def tune(args: list[str]) -> None:
         load_if_exists=True,
     )
     search = Search(optuna, study, storage, params, base, study_dir, options.trials)
-    signal.signal(signal.SIGTERM, _interrupt)  # stopped by SIGTERM as by Ctrl-C: the running trial stops too
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt),  # stopped as by Ctrl-C: the running trial too
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),  # also when started ignoring it
+    }
     try:
         search.run()
     except KeyboardInterrupt:
@@ -125,7 +131,8 @@ def tune(args: list[str]) -> None:
         )
         raise SystemExit(130) from None
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     show(optuna, url, study_name, study_dir, root, storage=storage)
 
 
@@ -162,8 +169,8 @@ class Search:
             raise StudyFull
         values = {param.key: param.suggest(trial) for param in self.params}
         files = TrialFiles(self.study_dir, f"trial-{trial.number:03d}")
-        shown = ", ".join(f"{key} {value}" for key, value in values.items())
-        print(f"gptlit: trial {trial.number} ({shown}) in {files.run}, log {files.log}", file=sys.stderr)
+        drawn = ", ".join(f"{key} {shown_value(value)}" for key, value in values.items())
+        print(f"gptlit: trial {trial.number} ({drawn}) in {shown(files.run)}, log {shown(files.log)}", file=sys.stderr)
 
         def should_stop(step: int, value: float) -> bool:
             trial.report(value, step)
@@ -175,6 +182,8 @@ class Search:
             step, value = outcome.reports[-1]
             print(f"gptlit: trial {trial.number} pruned at step {step} (val bpb {value:.4f})", file=sys.stderr)
             raise self.optuna.TrialPruned(f"val/bpb {value:.4f} at step {step}")
+        if outcome.returncode == STOPPED_CODE:  # Ctrl-C or SIGTERM reached the trial: the search stops with it
+            raise KeyboardInterrupt
         if outcome.returncode != 0:
             return self._fail(trial, outcome.error(files.log))
         return self._score(trial, files, values)
@@ -224,9 +233,9 @@ def show(optuna: Any, url: str, study_name: str, study_dir: Path, root: str | No
         return
     best = min(complete, key=lambda t: t.value)
     path = write_best(study_dir, best, root)
-    print(f"\nbest: trial {best.number}, val bpb {best.value:.4f}; its config: {path}")
-    print(f"  train it: python -m gptlit fit --config {path}")
-    print(f"  watch:    tensorboard --logdir {study_dir}   (HPARAMS compares the trials)")
+    print(f"\nbest: trial {best.number}, val bpb {best.value:.4f}; its config: {shown(path)}")
+    print(f"  train it: python -m gptlit fit --config {shown(path)}")
+    print(f"  watch:    tensorboard --logdir {shown(study_dir)}   (HPARAMS compares the trials)")
 
 
 def check_fit_options(args: list[str], search: str) -> None:

@@ -102,7 +102,7 @@ def table(trials: list[Any], TrialState: Any) -> str:
     for t in shown:
         minutes = f"{t.duration.total_seconds() / 60:.2f}" if t.duration is not None else ""
         bpb = "" if t.value is None else f"{t.value:.4f}"
-        values = [_shown_value(t.params[key]) if key in t.params else "" for key in keys]
+        values = [shown_value(t.params[key]) if key in t.params else "" for key in keys]
         rows.append([str(t.number), _state(t, TrialState), bpb, str(t.user_attrs.get(STEPS, "")), minutes, *values])
         why = t.user_attrs.get(ERROR) or t.user_attrs.get(LOST)
         if why:
@@ -120,7 +120,8 @@ def _state(trial: Any, TrialState: Any) -> str:
     return {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}.get(trial.state, trial.state.name.lower())
 
 
-def _shown_value(value: Any) -> str:
+def shown_value(value: Any) -> str:
+    """A drawn value as the table shows it: floats to 4 significant digits."""
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
@@ -136,7 +137,7 @@ def write_best(study_dir: Path, trial: Any, root_dir: str | None) -> Path:
     callbacks = trainer.get("callbacks") or []
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
     trainer["callbacks"] = [c for c in callbacks if not str(c.get("class_path", "")).endswith(TrialReport.__name__)]
-    values = ", ".join(f"{key} {_shown_value(value)}" for key, value in trial.params.items())
+    values = ", ".join(f"{key} {shown_value(value)}" for key, value in trial.params.items())
     header = (
         f"# The best trial of the study in {study_dir}: trial {trial.number}, val bpb {trial.value:.4f} "
         f"({values}).\n# Train it: python -m gptlit fit --config {study_dir / BEST_FILE}\n"
