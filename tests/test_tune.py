@@ -12,6 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from helpers import run_cli, write_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -232,7 +233,7 @@ def test_two_processes_share_one_study_without_losing_or_repeating_a_trial(workd
 
 @pytest.mark.slow
 def test_a_trial_worse_than_the_median_is_pruned_and_a_failing_one_recorded(workdir: Path) -> None:
-    config = write_config(workdir, name="tiny", max_steps=24)
+    config = write_config(workdir, name="tiny", max_steps=160)
     write_search(workdir / "search.yaml", {"model.learning_rate": SEARCH["model.learning_rate"] | {"low": 1e-7}})
     url = f"sqlite:///{workdir / 'study.db'}"
     study = optuna.create_study(study_name="pruning", storage=url)
@@ -243,7 +244,9 @@ def test_a_trial_worse_than_the_median_is_pruned_and_a_failing_one_recorded(work
     assert done.returncode == 0, done.stderr
     study = optuna.load_study(study_name="pruning", storage=url)
     assert states(study) == ["COMPLETE", "PRUNED"]
-    assert study.trials[1].user_attrs["steps"] == 8  # stopped at its first validation, of 24 steps
+    assert study.trials[1].user_attrs["steps"] == 8  # pruned at its first validation
+    pruned = workdir / "lightning_logs" / "pruning" / "lightning_logs" / "trial-001" / "checkpoints" / "last.ckpt"
+    assert torch.load(pruned, weights_only=True)["global_step"] < 160  # and stopped there, its last.ckpt saved
     assert "trial 1 pruned at step 8" in done.stderr and " pruned " in done.stdout
 
     write_search(workdir / "heads.yaml", {"model.config.n_heads": {"type": "categorical", "choices": [3]}})

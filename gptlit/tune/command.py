@@ -14,6 +14,7 @@ tune runs: ``fit`` and the rest never need it.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import signal
@@ -23,10 +24,13 @@ import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
 import yaml
 
-from gptlit.errors import ConfigError, UsageError
+from gptlit.checkpoint import read_checkpoint
+from gptlit.errors import ConfigError, GptlitError, UsageError
 from gptlit.training.runs import shown
+from gptlit.training.scoring import checkpoint_bpb
 from gptlit.tune.space import Param, fit_args, read_search
 from gptlit.tune.study import (
     ERROR,
@@ -125,7 +129,7 @@ def tune(args: list[str]) -> None:
     except KeyboardInterrupt:
         done = search.finished()
         print(
-            f"gptlit: tune stopped: {done} of {options.trials} trials finished in {study_dir}; the same "
+            f"gptlit: tune stopped: {done} of {options.trials} trials finished in {shown(study_dir)}; the same "
             "command continues the study",
             file=sys.stderr,
         )
@@ -178,8 +182,8 @@ class Search:
             return trial.should_prune()
 
         outcome = run_fit(fit_command(self.base + fit_args(values), files), files, should_stop)
-        if outcome.stopped:
-            step, value = outcome.reports[-1]
+        if outcome.stopped_at is not None:
+            step, value = outcome.stopped_at
             print(f"gptlit: trial {trial.number} pruned at step {step} (val bpb {value:.4f})", file=sys.stderr)
             raise self.optuna.TrialPruned(f"val/bpb {value:.4f} at step {step}")
         if outcome.returncode == STOPPED_CODE:  # Ctrl-C or SIGTERM reached the trial: the search stops with it
@@ -189,12 +193,6 @@ class Search:
         return self._score(trial, files, values)
 
     def _score(self, trial: Any, files: TrialFiles, values: dict[str, Any]) -> float:
-        import torch
-
-        from gptlit.checkpoint import read_checkpoint
-        from gptlit.errors import GptlitError
-        from gptlit.training.scoring import checkpoint_bpb
-
         config = yaml.safe_load((files.run / "config.yaml").read_text(encoding="utf-8"))
         try:
             checkpoint = read_checkpoint(files.run / "checkpoints" / "last.ckpt")
@@ -204,7 +202,7 @@ class Search:
         bpb = checkpoint_bpb(checkpoint, config["data"]["data_dir"], device)
         step = checkpoint["global_step"]
         trial.set_user_attr(STEPS, step)
-        if bpb != bpb or bpb == float("inf"):
+        if not math.isfinite(bpb):
             return self._fail(trial, f"its last checkpoint scores {bpb} bits per byte")
         log_hparams(files.run, values, bpb, step)
         print(f"gptlit: trial {trial.number}: val bpb {bpb:.4f} after {step} steps", file=sys.stderr)

@@ -46,10 +46,11 @@ class TrialFiles:
 
 @dataclass
 class TrialOutcome:
-    """How a trial's ``fit`` ended: its exit code, whether the watcher stopped it, and its validations."""
+    """How a trial's ``fit`` ended: its exit code, the validation at which the watcher stopped it (if it did; the
+    trial may have ended by itself meanwhile), and its validations."""
 
     returncode: int
-    stopped: bool = False
+    stopped_at: tuple[int, float] | None = None  # (step, value)
     reports: list[tuple[int, float]] = field(default_factory=list)  # (step, value)
 
     def error(self, log: Path) -> str:
@@ -98,17 +99,26 @@ def run_fit(command: list[str], files: TrialFiles, should_stop: Callable[[int, f
         try:
             while process.poll() is None:
                 time.sleep(POLL_S)
-                for step, value in _new_reports(files.report, outcome.reports):
-                    if not outcome.stopped and should_stop(step, value):
-                        outcome.stopped = True
-                        process.send_signal(signal.SIGTERM)
+                _pass_on(_new_reports(files.report, outcome.reports), outcome, should_stop, process)
         finally:
             _end(process)
-    for step, value in _new_reports(files.report, outcome.reports):  # written just before it ended
-        if not outcome.stopped:
-            should_stop(step, value)
+    _pass_on(_new_reports(files.report, outcome.reports), outcome, should_stop, None)  # written as it ended
     outcome.returncode = process.returncode
     return outcome
+
+
+def _pass_on(
+    reports: list[tuple[int, float]],
+    outcome: TrialOutcome,
+    should_stop: Callable[[int, float], bool],
+    process: subprocess.Popen | None,
+) -> None:
+    """Give ``should_stop`` each new validation, up to the first it stops the trial at; stop the process then."""
+    for step, value in reports:
+        if outcome.stopped_at is None and should_stop(step, value):
+            outcome.stopped_at = (step, value)
+            if process is not None:
+                process.send_signal(signal.SIGTERM)
 
 
 def _new_reports(path: Path, seen: list[tuple[int, float]]) -> list[tuple[int, float]]:
