@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -31,14 +30,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-import numpy as np
 import torch
 import yaml
 from common import machine, markdown_table, write_section
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gptlit.data.store import check_bin, read_meta
-from gptlit.model.gpt import GPT
+from gptlit.data.store import read_meta
+from gptlit.training.scoring import score
 
 ROOT = Path(__file__).parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "tinystories-train-2mib.txt"
@@ -215,22 +213,6 @@ def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(run), size_guidance={"scalars": 0})
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
-@torch.inference_mode()
-def score(run: Path, data_dir: Path) -> float:
-    """Bits per byte of the whole held-out split under the run's last checkpoint (float32, every window)."""
-    model = GPT.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
-    meta = read_meta(data_dir)
-    path, dtype, count = check_bin(data_dir, meta, "val")
-    tokens = torch.from_numpy(np.fromfile(path, dtype=dtype).astype(np.int64))
-    T = model.config.block_size
-    windows = tokens[: (count - 1) // T * T + 1]
-    x = windows[:-1].view(-1, T)  # (N, T)
-    y = windows[1:].view(-1, T)
-    nats = sum(model.loss(x[i : i + 16], y[i : i + 16]).item() * len(x[i : i + 16]) for i in range(0, len(x), 16))
-    bytes_per_token = meta["splits"]["val"]["text_bytes"] / meta["splits"]["val"]["tokens"]
-    return nats / len(x) / math.log(2) / bytes_per_token
 
 
 def run_figures(run: Path) -> tuple[int, float]:

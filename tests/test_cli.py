@@ -237,7 +237,7 @@ def test_gptlit_help_lists_every_command(capsys) -> None:
     run_cli("--help")
     out = capsys.readouterr().out
     commands = [line.split()[0] for line in out.split("commands:\n")[1].split("\n\n")[0].splitlines()]
-    assert commands == ["fit", "validate", "test", "prepare", "sample", "export"]
+    assert commands == ["fit", "validate", "test", "prepare", "sample", "export", "tune"]
     assert "predict" not in out
 
 

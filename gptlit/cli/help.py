@@ -17,6 +17,7 @@ COMMANDS = {
     "prepare": "only prepare the data of a config: download, train the tokenizer, write the token files",
     "sample": "write stories with a trained model (--prompt, --num_samples, --interactive true)",
     "export": "write a checkpoint as a Hugging Face transformers directory (--out_dir)",
+    "tune": "search hyperparameters with Optuna: fits of a config with values from --search, scored by val bpb",
 }
 # Commands LightningCLI would offer that gptlit does not, and what to run instead.
 NOT_COMMANDS = {

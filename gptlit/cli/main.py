@@ -1,4 +1,4 @@
-"""The command line: ``python -m gptlit fit|validate|test|prepare|sample|export`` (``--help`` lists them).
+"""The command line: ``python -m gptlit fit|validate|test|prepare|sample|export|tune`` (``--help`` lists them).
 
 ``fit`` and friends go through LightningCLI; every run gets a fixed directory
 ``lightning_logs/<run_name>/`` so that ``--ckpt_path last`` finds it again, with or without ``--config``.
@@ -64,10 +64,11 @@ from gptlit.training.runs import (
     shown,
 )
 from gptlit.training.stopping import GracefulStop, ValidateAtEnd
+from gptlit.tune.command import tune
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")  # not predict: see gptlit.cli.help.NOT_COMMANDS
 FUNCTION_SUBCOMMANDS = {"sample": sample, "export": export}
-SUBCOMMANDS = (*LIGHTNING_SUBCOMMANDS, "prepare", *FUNCTION_SUBCOMMANDS)
+SUBCOMMANDS = (*LIGHTNING_SUBCOMMANDS, "prepare", *FUNCTION_SUBCOMMANDS, "tune")
 # Tokens per second and learning rates are averaged over this many batches by ThroughputMonitor.
 THROUGHPUT_WINDOW = 10
 
@@ -342,6 +343,8 @@ def _run(args: list[str]) -> None:
         print(overview())
     elif args[0] == "prepare":
         prepare_main(args[1:])
+    elif args[0] == "tune":
+        tune(args[1:])  # its trials are fits, each in a process of its own
     elif args and args[0] in FUNCTION_SUBCOMMANDS:
         auto_cli(FUNCTION_SUBCOMMANDS[args[0]], args=args[1:], as_positional=False, parser_class=FunctionArgumentParser)
     elif args and args[0] in LIGHTNING_SUBCOMMANDS:
