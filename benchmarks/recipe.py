@@ -253,7 +253,8 @@ def main() -> None:
                 config = write_run_config(args.work, name, settings, seed, minutes=args.minutes)
             else:
                 config = write_run_config(args.work, name, settings, seed, steps=pass_steps(args, name, settings))
-            run = fit(args.work, f"{name}{budget_tag(args)}-{seed}", config, reuse=not args.fresh)
+            tag = "" if "max_steps" in settings["trainer"] else budget_tag(args)  # steps of its own: any budget
+            run = fit(args.work, f"{name}{tag}-{seed}", config, reuse=not args.fresh)
             data_dir = args.work / f"data-{settings['data']['vocab_size']}"
             bpbs.append(score(run, data_dir))
             steps.append(run_figures(run)[0])
