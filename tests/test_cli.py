@@ -7,6 +7,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -266,3 +267,14 @@ def test_a_run_and_its_resume_show_their_steps_and_no_noise(workdir: Path) -> No
         assert "Parameters: " in output and "train/loss: " in output
     assert "Step 12/12 " in runs[0] and "val/bpb: " in runs[0] and "tokens/s: " in runs[0]  # after 10 steps
     assert "Step 16/16 " in runs[1] and "/12 " not in runs[1]
+
+
+def test_mixed_precisions_model_summary_warning_is_silenced() -> None:
+    # Lightning warns that it sizes a bf16-mixed model at 32 bits: the weights are float32 then, the size is right.
+    from gptlit.cli.reporting import silence_other_libraries
+
+    with warnings.catch_warnings(record=True) as caught:
+        silence_other_libraries()
+        warnings.warn("Precision bf16-mixed is not supported by the model summary.  Estimated model size", stacklevel=1)
+        warnings.warn("another warning", stacklevel=1)
+    assert [str(w.message) for w in caught] == ["another warning"]

@@ -70,6 +70,8 @@ def silence_other_libraries() -> None:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     # best.ckpt's directory is the run's own, which holds last.ckpt: said on every resume.
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+    # Under bf16-mixed the weights are float32, the size the summary gives.
+    warnings.filterwarnings("ignore", message="Precision bf16-mixed is not supported by the model summary")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tips)
 
 
