@@ -71,6 +71,25 @@ def test_a_machine_that_slows_down_plans_fewer_steps_before_the_decay() -> None:
     assert slowed.elapsed_s + slowed.validation_s <= 100.0
 
 
+@pytest.mark.parametrize("schedule", ["wsd", "cosine"])
+def test_a_machine_that_slows_down_in_the_decay_ends_it_early_at_the_minimum(schedule) -> None:
+    # Another job takes the CPU after the freeze: steps take 3x as long. The plan is cut to what fits, and the rate
+    # goes on down from where it stood to min_lr at the new last step, inside the budget.
+    steady, slowed = plan_of(schedule=schedule), plan_of(schedule=schedule)
+    steady_factors = run_on_fake_clock(steady, lambda step: 0.1)[2]
+    cut_at = steady.decay_start + 20
+    steps, spent, factors = run_on_fake_clock(slowed, lambda step: 0.1 if step < cut_at else 0.3)
+    assert slowed.decay_start == steady.decay_start and slowed.shortened is not None
+    assert steps == slowed.total < steady.total and spent <= 100.0 + slowed.validation_s
+    assert factors[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(factors[slowed.decay_start :]))
+    # Until the machine slowed, the rate is the steady run's; then a steeper line, with no jump (no step drops
+    # more than 2% of the decay's range).
+    assert factors[:cut_at] == steady_factors[:cut_at]
+    assert max(a - b for a, b in itertools.pairwise(factors[cut_at - 1 :])) < 0.02 * (1 - 0.1)
+    assert "cut short from step" in slowed.describe()
+
+
 def test_cosine_is_laid_out_over_the_estimate_and_frozen_with_it() -> None:
     plan = plan_of(schedule="cosine", warmup=10)
     steps, spent, factors = run_on_fake_clock(plan, lambda step: 0.1)

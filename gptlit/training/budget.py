@@ -19,6 +19,9 @@ The plan:
 - wsd: the peak rate until ``1 - decay_fraction`` of the budget (less the reserve) has passed, or the planned
   steps left are ``decay_fraction`` of them; then the plan is frozen (steps and decay start no longer change) and
   the rate decays linearly to ``min_lr``, reached at the last planned step.
+- A frozen plan keeps `SLACK` of the decay's time free. A machine that slows down by more than that (another job
+  on the CPU) would reach ``max_time`` before the last planned step, mid-decay: the plan is then shortened to the
+  steps that still fit, and the rate goes on from where it stands down to ``min_lr`` at the new last step.
 - cosine: the cosine is laid out over the current estimate, re-estimated like wsd's stable phase and frozen at the
   same point. The cosine is flat at its start, where the estimate is least certain, so an estimate that moves
   moves the rate little; after the freeze it is a function of the step, ending at ``min_lr``.
@@ -27,6 +30,8 @@ The plan:
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -41,6 +46,8 @@ NOTEWORTHY_CHANGE = 0.1
 NOTE_EVERY = 0.05
 # Kept free of steps: this share of the decay's time, against a machine that slows down while the plan is frozen.
 SLACK = 0.05
+# Steps whose median time tells a frozen plan that the machine slowed down.
+RECENT_STEPS = 9
 
 
 class StepRate:
@@ -98,10 +105,13 @@ class BudgetPlan:
     warmup_steps: int | None = None  # None while a warmup by time runs
     decay_start: int | None = None  # set when the plan is frozen
     noted: tuple[int, float] | None = None  # (steps, time spent) of the plan last logged
+    shortened: tuple[int, float] | None = None  # (step, its lr factor): a frozen plan cut short from there
 
     def __post_init__(self) -> None:
         if isinstance(self.warmup, int) or self.warmup == 0:
             self.warmup_steps = int(self.warmup)
+        self._recent: deque[float] = deque(maxlen=RECENT_STEPS)  # the latest steps' times, not saved
+        self._last: tuple[int, float] | None = None
 
     @property
     def frozen(self) -> bool:
@@ -118,13 +128,16 @@ class BudgetPlan:
         and a new measurement of the time per step (None: keep the last). True when the plan changed enough to
         say so: the first estimate, a change of more than `NOTEWORTHY_CHANGE` (not sooner than `NOTE_EVERY` of
         the budget after the last), or the freeze."""
+        if self._last is not None and step > self._last[0]:
+            self._recent.append((elapsed_s - self._last[1]) / (step - self._last[0]))
+        self._last = (step, elapsed_s)
         self.elapsed_s = elapsed_s
         if self.warmup_steps is None and elapsed_s >= self.warmup * self.budget_s:
             self.warmup_steps = step
-        if self.frozen:
-            return False
         if s_per_step is not None:
             self.s_per_step = s_per_step
+        if self.frozen:
+            return self._shorten(step, elapsed_s)
         if self.s_per_step is None:
             return False
         usable = self.budget_s - self.reserve_s()
@@ -145,8 +158,28 @@ class BudgetPlan:
         self.noted = (self.total, elapsed_s)
         return True
 
+    def _shorten(self, step: int, elapsed_s: float) -> bool:
+        """Cut a frozen plan to the steps that still fit before the budget's end (its reserve but the slack kept);
+        True when it was cut. The rate goes on from the last step's down to the minimum at the new last step."""
+        # The pace of the latest steps: a slowdown is seen within a few steps (a median: a validation among
+        # them does not count), where the measured time per step follows it over many.
+        pace = max(self.s_per_step, statistics.median(self._recent)) if len(self._recent) >= 5 else self.s_per_step
+        usable = self.budget_s - self.validation_s - 2 * self.pause_s - pace
+        fits = step + max(0, math.floor((usable - elapsed_s) / pace))
+        if fits >= self.total:
+            return False
+        factor = self.lr_factor(step - 1)  # the rate of the step just taken
+        self.total, self.shortened = max(fits, step + 1), (step, factor)
+        if self.noted is not None and elapsed_s - self.noted[1] < NOTE_EVERY * self.budget_s:
+            return False
+        self.noted = (self.total, elapsed_s)
+        return True
+
     def lr_factor(self, step: int) -> float:
         """The learning-rate multiplier of optimizer step ``step`` under the plan as it stands."""
+        if self.shortened is not None and step >= self.shortened[0]:  # a straight line to the minimum
+            start, factor = self.shortened
+            return factor - (factor - self.min_ratio) * (step + 1 - start) / max(1, self.total - start)
         if self.warmup_steps is None:  # a warmup by time, still running
             return min(1.0, self.elapsed_s / (self.warmup * self.budget_s))
         if step < self.warmup_steps:
@@ -167,6 +200,8 @@ class BudgetPlan:
         if self.total is None or self.s_per_step is None:
             return f"{head}: measuring the time per step"
         steps = f"{head}: {'' if self.frozen else '~'}{self.total} steps at {self.s_per_step:.3g} s/step"
+        if self.shortened is not None:
+            return f"{steps}, cut short from step {self.shortened[0]}: the steps slowed down"
         if self.frozen:
             what = "decay" if self.schedule == "wsd" else "plan frozen"
             return f"{steps}, {what} from step {self.decay_start}"

@@ -85,7 +85,7 @@ class TimeBudget(L.Callback):
         if (saved.get("budget_s"), saved.get("max_steps")) == (plan.budget_s, plan.max_steps):
             return
         if step <= plan.decay_start:
-            plan.decay_start, plan.noted = None, None
+            plan.decay_start, plan.noted, plan.shortened = None, None, None
             rank_zero_info(f"gptlit: a plan made anew from step {step}, for a {plan.describe().split(':')[0]}")
             return
         own = _clock(saved["budget_s"])
