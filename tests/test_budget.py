@@ -185,6 +185,16 @@ def assert_ended_inside_the_budget_with_the_decay_done(run: Path, budget_s: floa
     return plan
 
 
+def assert_the_same_plan(resumed: dict, plan: dict, step: int) -> None:
+    """The resumed run followed the saved plan: not re-planned; cut short only if its steps then slowed down so
+    much that max_time would have stopped it mid-decay (a busy machine), and only after the resumed step."""
+    assert resumed["decay_start"] == plan["decay_start"]
+    if resumed["shortened"] is None:
+        assert resumed["total"] == plan["total"]
+    else:
+        assert resumed["total"] < plan["total"] and resumed["shortened"][0] > step
+
+
 @pytest.mark.slow
 def test_a_budgeted_run_ends_inside_its_budget_with_the_decay_done(workdir: Path, one_thread, caplog) -> None:
     record = f'{{"class_path": "probes.RecordBarTotal", "init_args": {{"path": "{workdir / "bar.json"}"}}}}'
@@ -209,7 +219,7 @@ def test_ctrl_c_in_the_decay_resumes_the_same_plan_with_the_remaining_time(workd
     run_cli("fit", "--ckpt_path", "last")
 
     resumed = assert_ended_inside_the_budget_with_the_decay_done(run)
-    assert (resumed["total"], resumed["decay_start"]) == (plan["total"], plan["decay_start"])  # not re-planned
+    assert_the_same_plan(resumed, plan, step)
     assert saved_budget(run / "checkpoints" / "last.ckpt")[1] > spent  # the clock went on from the time spent
 
 
@@ -228,7 +238,7 @@ def test_kill_9_in_the_decay_resumes_the_same_plan(workdir: Path, one_thread: di
     run_cli("fit", "--ckpt_path", "last")
 
     resumed = assert_ended_inside_the_budget_with_the_decay_done(run)
-    assert (resumed["total"], resumed["decay_start"]) == (plan["total"], plan["decay_start"])
+    assert_the_same_plan(resumed, plan, step)
     assert saved_budget(run / "checkpoints" / "last.ckpt")[1] > spent
 
 

@@ -110,8 +110,10 @@ class BudgetPlan:
     def __post_init__(self) -> None:
         if isinstance(self.warmup, int) or self.warmup == 0:
             self.warmup_steps = int(self.warmup)
-        self._recent: deque[float] = deque(maxlen=RECENT_STEPS)  # the latest steps' times, not saved
+        # This process's latest steps' times (not saved), from its `UNMEASURED_STEPS`-th step on.
+        self._recent: deque[float] = deque(maxlen=RECENT_STEPS)
         self._last: tuple[int, float] | None = None
+        self._updates = 0
 
     @property
     def frozen(self) -> bool:
@@ -128,7 +130,8 @@ class BudgetPlan:
         and a new measurement of the time per step (None: keep the last). True when the plan changed enough to
         say so: the first estimate, a change of more than `NOTEWORTHY_CHANGE` (not sooner than `NOTE_EVERY` of
         the budget after the last), or the freeze."""
-        if self._last is not None and step > self._last[0]:
+        self._updates += 1
+        if self._updates > UNMEASURED_STEPS and step > self._last[0]:
             self._recent.append((elapsed_s - self._last[1]) / (step - self._last[0]))
         self._last = (step, elapsed_s)
         self.elapsed_s = elapsed_s
@@ -159,13 +162,13 @@ class BudgetPlan:
         return True
 
     def _shorten(self, step: int, elapsed_s: float) -> bool:
-        """Cut a frozen plan to the steps that still fit before the budget's end (its reserve but the slack kept);
-        True when it was cut. The rate goes on from the last step's down to the minimum at the new last step."""
+        """Cut a frozen plan to the steps that still fit before ``max_time`` stops the run (the final validation
+        may go past it, as it may in any budgeted run); True when it was cut. The rate goes on from the last
+        step's down to the minimum at the new last step."""
         # The pace of the latest steps: a slowdown is seen within a few steps (a median: a validation among
         # them does not count), where the measured time per step follows it over many.
         pace = max(self.s_per_step, statistics.median(self._recent)) if len(self._recent) >= 5 else self.s_per_step
-        usable = self.budget_s - self.validation_s - 2 * self.pause_s - pace
-        fits = step + max(0, math.floor((usable - elapsed_s) / pace))
+        fits = step + max(0, math.floor((self.budget_s - pace - elapsed_s) / pace))
         if fits >= self.total:
             return False
         factor = self.lr_factor(step - 1)  # the rate of the step just taken
