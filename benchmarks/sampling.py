@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--data_dir", type=Path, help="the checkpoint's prepared data (prompts and corpus table)")
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--temperatures", type=float, nargs="+", default=list(TEMPERATURES), help="0 is greedy")
     parser.add_argument("--no-readme", action="store_true")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
@@ -99,7 +100,7 @@ def main() -> None:
     }
     gptlit(0.0, compile=True), gptlit(0.8, compile=True, draft_tokens=0)  # compile first, outside the timing
     rows = []
-    for temperature in TEMPERATURES:
+    for temperature in args.temperatures:
         reference = gptlit(temperature, draft_tokens=0)
         if temperature == 0:  # greedy: the stories whose every token transformers' greedy decoding writes too
             agree = sum(a == b for a, b in zip(reference, hf(0.0), strict=True))
@@ -135,6 +136,8 @@ def main() -> None:
     greedy_note = (
         f"- Greedy: transformers writes the same {n} tokens as gptlit for {agree} of the {PROMPTS} prompts (the rest "
         "part at a near-tie of two logits, where float rounding of two implementations decides).\n"
+        if 0.0 in args.temperatures
+        else ""
     )
     report = (
         f"`python benchmarks/sampling.py`: {checkpoint} ({ours.num_params() / 1e6:.1f}M parameters); the openings "

@@ -217,6 +217,7 @@ def drafted_stream(
     seed = random_seed() if options.seed is None else options.seed
     pick = TokenPicker(options.temperature, options.top_k, options.top_p, seed, row=0)
     new_count, max_new_tokens = 0, options.max_new_tokens
+    limit = options.draft_tokens  # guesses per pass: sampling adapts it to how many pass (`_next_limit`)
     with CachedDecoding(model, 1, options.compile) as decoding:
         cur = len(seq)  # tokens known; the cache holds tokens [start:cur] at positions 0..
         start = decoding.window_start(cur)
@@ -237,10 +238,19 @@ def drafted_stream(
                 ready = pick(decoding.prefill([seq], start, cur), cur)
                 continue
             # Guesses must fit in the window; past the tokens still wanted they would only cost time.
-            room = min(options.draft_tokens, decoding.window - (cur - start), max_new_tokens - new_count - 1)
+            room = min(limit, decoding.window - (cur - start), max_new_tokens - new_count - 1)
             guess = drafts.propose(room)
             picks = pick(decoding.run([[seq[cur - 1], *guess]], cur - 1 - start)[0], cur)  # tokens cur..cur+len(guess)
             accepted = next((i for i, (g, p) in enumerate(zip(guess, picks, strict=False)) if g != p), len(guess))
             # Keys and values of rejected guesses stay in the cache past the accepted positions: no query attends
             # to a position after its own, and the next tokens fed overwrite them.
             ready = picks[: accepted + 1]  # the confirmed guesses, and the pick after the last of them
+            if options.temperature > 0 and guess:
+                limit = _next_limit(limit, accepted, len(guess), options.draft_tokens)
+
+
+def _next_limit(limit: int, accepted: int, guessed: int, most: int) -> int:
+    """Guesses for the next pass of sampled decoding: twice as many after a pass that confirmed all of its guesses,
+    one more than it confirmed after one that did not. A sampled token often differs from what the text so far
+    suggests, and a pass that checks guesses costs more the more it checks: where few pass, few are fed."""
+    return min(most, 2 * limit) if accepted == guessed else max(1, accepted + 1)
