@@ -111,10 +111,7 @@ def sample(
     if draft_data is not None:
         draft_table = NgramTable.from_data_dir(draft_data, tokenizer_sha256=tokenizer.sha256)
     if compile:  # compile before the first story, so that its speed is the decoding's
-        start = time.perf_counter()
-        warm_up = replace(options, max_new_tokens=2, temperature=0, draft_tokens=0)
-        generate(model, tokenizer.encode("Once upon a time", bos=True), options=warm_up)
-        print(f"[compiled in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
+        compile_decoding(model, tokenizer, options)
 
     def write(text: str) -> None:
         check_prompt(text)
@@ -125,6 +122,15 @@ def sample(
         read_prompts(write)
     else:
         write(prompt)
+
+
+def compile_decoding(model: GPT, tokenizer: Tokenizer, options: SamplingOptions) -> None:
+    """Run a short decoding with ``options``' compile setting, which compiles the forward passes, and say how long
+    it took."""
+    start = time.perf_counter()
+    warm_up = replace(options, max_new_tokens=2, temperature=0, draft_tokens=0)
+    generate(model, tokenizer.encode("Once upon a time", bos=True), options=warm_up)
+    print(f"[compiled in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
 
 
 def check_prompt(prompt: str) -> None:
