@@ -134,8 +134,8 @@ def main() -> None:
         print(rows[-len(variants) :], flush=True)
     header = ["decoding", "variant", "tokens/s", "vs transformers", "tokens per pass", "guesses confirmed", "same"]
     greedy_note = (
-        f"- Greedy: transformers writes the same {n} tokens as gptlit for {agree} of the {PROMPTS} prompts (the rest "
-        "part at a near-tie of two logits, where float rounding of two implementations decides).\n"
+        f"- Greedy: transformers writes the same {n} tokens as gptlit for {agree} of the {PROMPTS} prompts; the "
+        "others differ from some position on.\n"
         if 0.0 in args.temperatures
         else ""
     )
