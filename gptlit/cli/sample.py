@@ -107,9 +107,7 @@ def sample(
     device = _device(device)
     path = find_checkpoint(ckpt_path, root_dir, run_name)
     model, tokenizer = load_model(path, device)
-    draft_table = None
-    if draft_data is not None:
-        draft_table = NgramTable.from_data_dir(draft_data, tokenizer_sha256=tokenizer.sha256)
+    draft_table = NgramTable.from_data_dir(draft_data, tokenizer_sha256=tokenizer.sha256) if draft_data else None
     if compile:  # compile before the first story, so that its speed is the decoding's
         compile_decoding(model, tokenizer, options)
 
