@@ -257,8 +257,9 @@ def main() -> None:
             run = fit(args.work, f"{name}{tag}-{seed}", config, reuse=not args.fresh)
             data_dir = args.work / f"data-{settings['data']['vocab_size']}"
             bpbs.append(score(run, data_dir))
-            steps.append(run_figures(run)[0])
-            minutes.append(run_figures(run)[1])
+            run_steps, run_minutes = run_figures(run)
+            steps.append(run_steps)
+            minutes.append(run_minutes)
             print(f"{name} seed {seed}: {steps[-1]} steps, {minutes[-1]:.2f} min, val bpb {bpbs[-1]:.4f}", flush=True)
         results[name] = statistics.mean(bpbs)
         first = results[args.candidates[0]]
