@@ -81,3 +81,31 @@ def test_a_kept_token_is_picked_whatever_the_number():
     logits = torch.tensor([[0.0, 5.0, -1.0, 4.0, 3.0]])
     for u, token in [(0.0, 1), (1 - 2**-53, 4)]:
         assert pick_tokens(logits, torch.tensor([u], dtype=torch.float64), 1.0, top_k=3).item() == token
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.0, None, None), (0.8, 40, None), (1.0, None, 0.9)])
+def test_checking_guesses_stops_at_the_first_pick_that_differs(temperature, top_k, top_p):
+    # check() against picking every row and cutting after the first miss; guesses that are the picks themselves
+    # up to a random point, then random tokens.
+    gen = torch.Generator().manual_seed(0)
+    picker = TokenPicker(temperature, top_k, top_p, seed=5, row=0)
+    for trial in range(50):
+        logits = torch.randn(9, 500, generator=gen) * 3
+        picks = picker(logits, first=trial)
+        right = int(torch.randint(9, (), generator=gen))
+        guess = picks[:right] + torch.randint(500, (8 - right,), generator=gen).tolist()
+        miss = next((i for i, (g, p) in enumerate(zip(guess, picks, strict=False)) if g != p), 8)
+        assert picker.check(logits, trial, guess) == picks[: miss + 1]
+
+
+def test_the_nucleus_of_the_whole_vocabulary_is_found_past_the_first_tokens_ranked():
+    # A flat distribution over 1,000 tokens: the top-p nucleus holds far more than the 64 ranked first.
+    logits = torch.zeros(4000, 1000)
+    logits[:, :10] = 1.0  # ten tokens a little more likely, then 990 alike
+    tokens = np.array(TokenPicker(1.0, None, 0.5, seed=3, row=0)(logits, first=0))
+    probs = np.full(1000, 1.0)
+    probs[:10] = np.e
+    probs /= probs.sum()
+    kept = int(np.searchsorted(np.cumsum(np.sort(probs)[::-1]) - np.sort(probs)[::-1], 0.5, side="right"))
+    assert kept > 400  # the nucleus: the 10 likelier tokens and some 400+ of the rest
+    assert len(np.unique(tokens)) > 300 and np.isin(np.arange(10), tokens).all()

@@ -240,13 +240,12 @@ def drafted_stream(
             # Guesses must fit in the window; past the tokens still wanted they would only cost time.
             room = min(limit, decoding.window - (cur - start), max_new_tokens - new_count - 1)
             guess = drafts.propose(room)
-            picks = pick(decoding.run([[seq[cur - 1], *guess]], cur - 1 - start)[0], cur)  # tokens cur..cur+len(guess)
-            accepted = next((i for i, (g, p) in enumerate(zip(guess, picks, strict=False)) if g != p), len(guess))
+            logits = decoding.run([[seq[cur - 1], *guess]], cur - 1 - start)[0]  # (1 + len(guess), V)
             # Keys and values of rejected guesses stay in the cache past the accepted positions: no query attends
             # to a position after its own, and the next tokens fed overwrite them.
-            ready = picks[: accepted + 1]  # the confirmed guesses, and the pick after the last of them
+            ready = pick.check(logits, cur, guess)  # the confirmed guesses, and the pick after the last of them
             if options.temperature > 0 and guess:
-                limit = _next_limit(limit, accepted, len(guess), options.draft_tokens)
+                limit = _next_limit(limit, len(ready) - 1, len(guess), options.draft_tokens)
 
 
 def _next_limit(limit: int, accepted: int, guessed: int, most: int) -> int:

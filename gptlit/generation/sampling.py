@@ -68,12 +68,11 @@ def pick_tokens(
     k = vocab_size if top_k is None else min(top_k, vocab_size)
     nucleus = top_p is not None and top_p < 1.0
     ids = None  # the kept tokens' ids when not the whole vocabulary
-    if k < vocab_size or nucleus:
+    if nucleus:
+        scores, ids = _nucleus(scores, k, top_p)
+    elif k < vocab_size:
         scores, ids = torch.topk(scores, k, dim=-1)  # (N, k), most likely first
-        if nucleus:
-            probs = scores.softmax(dim=-1)
-            # Drop a token when the tokens ranked above it already hold top_p of the mass; the first always stays.
-            scores = scores.masked_fill(probs.cumsum(dim=-1) - probs > top_p, float("-inf"))
+    if ids is not None:
         ids, order = ids.sort(dim=-1)  # back to vocabulary order
         scores = scores.gather(-1, order)
     cdf = scores.double().softmax(dim=-1).cumsum(dim=-1)  # (N, K)
@@ -82,6 +81,29 @@ def pick_tokens(
     target = torch.minimum(uniforms.to(cdf.device).unsqueeze(-1) * total, torch.nextafter(total, cdf.new_zeros(())))
     picked = torch.searchsorted(cdf, target, right=True)  # (N, 1): the first token whose slice ends above target
     return (picked if ids is None else ids.gather(-1, picked)).squeeze(-1)
+
+
+def _nucleus(scores: torch.Tensor, k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scores (N, K) of the top_k (k) most likely tokens, those past the top_p nucleus at -inf, and their ids.
+
+    Without a top-k, the top 64 tokens (then 4x as many) are ranked first and the whole vocabulary only when a
+    row's nucleus reaches past them: sorting every score costs far more than the few a nucleus usually holds.
+    """
+    vocab_size = scores.size(-1)
+    if k < vocab_size:
+        kept, ids = torch.topk(scores, k, dim=-1)  # (N, k), most likely first
+        probs = kept.softmax(dim=-1)  # the nucleus of the top k's own softmax
+    else:
+        whole = scores.softmax(dim=-1)  # (N, V)
+        width = min(64, vocab_size)
+        while True:
+            kept, ids = torch.topk(scores, width, dim=-1)  # (N, width), most likely first
+            probs = whole.gather(-1, ids)
+            if width == vocab_size or bool((probs.sum(dim=-1) > top_p).all()):  # every row's nucleus ends inside
+                break
+            width = min(4 * width, vocab_size)
+    # Drop a token when the tokens ranked above it already hold top_p of the mass; the first always stays.
+    return kept.masked_fill(probs.cumsum(dim=-1) - probs > top_p, float("-inf")), ids
 
 
 def sample_next(
@@ -117,3 +139,19 @@ class TokenPicker:
             return greedy(logits).tolist()
         uniforms = token_uniforms(self.seed, ((self.row, p) for p in range(first, first + logits.size(0))))
         return pick_tokens(logits, uniforms, self.temperature, self.top_k, self.top_p).tolist()
+
+    def check(self, logits: torch.Tensor, first: int, guess: list[int]) -> list[int]:
+        """The guessed tokens at positions first, first + 1, ... that the logits (len(guess) + 1, V) confirm, and
+        the token after the last of them: ``self(logits, first)`` up to its first token that differs from the
+        guess. A sample is picked only where the guesses before it were confirmed (greedy picks every row at once:
+        its pick costs less than a call)."""
+        if self.temperature == 0:
+            picks = self(logits, first)
+            confirmed = next((i for i, (g, p) in enumerate(zip(guess, picks, strict=False)) if g != p), len(guess))
+            return picks[: confirmed + 1]
+        out: list[int] = []
+        for i, token in enumerate(guess):
+            out += self(logits[i : i + 1], first + i)
+            if out[-1] != token:
+                return out
+        return out + self(logits[len(guess) :], first + len(guess))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gptlit.checkpoint import model_state_dict, read_checkpoint
@@ -57,7 +58,6 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.embed_dim)
         self.wpe = None if config.use_rope else nn.Embedding(config.block_size, config.embed_dim)
-        self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm_f = Norm.named(config.norm_type)(config)
         self.lm_head = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
@@ -111,9 +111,10 @@ class GPT(nn.Module):
 
         With ``input_pos`` (T,) — the positions of these tokens, increasing — keys and values are read
         from and written to the KV cache, so a prompt can be fed once and then one token at a time.
-        ``cache_len`` (at least the last position + 1) limits attention to the cache's first positions,
-        which saves reading the rest; by default the whole cache is read (masked), so that every
-        decoding pass has the same shapes.
+        ``cache_len`` says the tokens are the cache's last ones: their positions are cache_len - T .. cache_len - 1
+        (``input_pos`` must be those), and attention reads the cache's first cache_len positions only, which saves
+        reading the rest (a single token then needs no mask). By default the whole cache is read (masked), so that
+        every decoding pass has the same shapes.
         """
         return self.lm_head(self.hidden_states(idx, input_pos, cache_len))  # (B, T, vocab_size)
 
@@ -131,19 +132,21 @@ class GPT(nn.Module):
         if input_pos is None:
             if T > self.config.block_size:
                 raise UsageError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
-            pos = torch.arange(T, device=idx.device)
-            mask = None
+            pos, mask = slice(0, T), None
         else:
             if self.causal_mask is None:
                 raise RuntimeError("forward with input_pos needs a KV cache: call model.set_kv_cache(batch_size)")
-            pos = input_pos
             # Row p of the causal mask lets a query at position p see keys 0..p.
-            mask = self.causal_mask[input_pos, :cache_len]  # (T, L)
+            if cache_len is None:  # the whole cache: the positions not written yet are masked
+                pos, mask = input_pos, self.causal_mask[input_pos]  # mask (T, L)
+            else:  # the cache's last T tokens: slices, not gathers; the last token sees every position
+                pos = slice(cache_len - T, cache_len)
+                mask = None if T == 1 else self.causal_mask[pos, :cache_len]  # (T, cache_len)
 
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
-            x = x + self.wpe(pos)  # (T, C) broadcast over the batch
-        x = self.drop(x)
+            x = x + self.wpe.weight[pos]  # (T, C) broadcast over the batch
+        x = F.dropout(x, self.config.dropout, self.training)
         rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.config.use_rope else None  # 2 x (T, hs)
         for block in self.blocks:
             x = block(x, rope, input_pos, mask, cache_len)

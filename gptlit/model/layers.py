@@ -134,7 +134,6 @@ class CausalSelfAttention(nn.Module):
         # QK-norm: each head's queries and keys RMS-normalized (a gain per channel) before RoPE.
         self.q_norm = nn.RMSNorm(self.head_size, eps=NORM_EPS) if config.qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_size, eps=NORM_EPS) if config.qk_norm else None
-        self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None
 
     @staticmethod
@@ -177,7 +176,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=grouped)  # (B, nh, T, hs)
 
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
-        return self.resid_dropout(self.proj(y))
+        return F.dropout(self.proj(y), self.dropout, self.training)  # (B, T, C)
 
 
 # MLPs -----------------------------------------------------------------------------------------------
@@ -201,7 +200,7 @@ class MLP(nn.Module, Variant):
         super().__init__()
         self.fc = nn.Linear(config.embed_dim, sum(self.row_blocks(config)["fc"]), bias=config.bias)
         self.proj = nn.Linear(config.hidden_size, config.embed_dim, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     @classmethod
     def row_blocks(cls, config: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -213,7 +212,7 @@ class MLP(nn.Module, Variant):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(self.activation(self.fc(x))))  # (B, T, C)
+        return F.dropout(self.proj(self.activation(self.fc(x))), self.dropout, self.training)  # (B, T, C)
 
 
 class GeluMLP(MLP, name="gelu"):
