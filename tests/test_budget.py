@@ -247,6 +247,9 @@ def test_a_longer_budget_extends_a_finished_run_from_its_stable_checkpoint(workd
     run_cli("fit", "--config", str(budget_config(workdir, "extended")))
     run = workdir / "lightning_logs" / "extended"
     first = assert_ended_inside_the_budget_with_the_decay_done(run)
+    # The command fit prints at its end gives twice the budget, from stable.ckpt.
+    extend = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("  extend:"))
+    assert extend.endswith(f"--ckpt_path stable --run_name extended --trainer.max_time 00:00:00:{2 * BUDGET_S}")
     stable, _, at = saved_budget(run / "checkpoints" / "stable.ckpt")
     assert at == first["decay_start"] == stable["decay_start"]  # the state as the decay started
 

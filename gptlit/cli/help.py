@@ -56,23 +56,22 @@ def overview() -> str:
     )
 
 
-def where_lines(run: Path, started: bool, extend_to: int | None = None) -> list[str]:
+def where_lines(run: Path, started: bool, extend_with: list[str] | None = None) -> list[str]:
     """Where run ``run`` lives and the commands to watch, resume, sample and export it (at most 5 lines).
 
     ``started``: at the start of ``fit`` (the checkpoint directory and how to watch and resume), else at its
-    end (the checkpoints saved, and what to run next). ``extend_to``: a run that reached its ``max_steps``
-    resumes only with more; the resume command then asks for this many.
+    end (the checkpoints saved, and what to run next). ``extend_with``: a run that reached its end resumes only
+    with a longer budget or more steps; the resume command then gives these options (``--trainer.max_time ...``).
     """
     root = run.parent.parent
     in_root = [] if os.path.abspath(root) == os.getcwd() else ["--root_dir", shown(root)]
     name = ["--run_name", run.name]
     lines = [f"  watch:  tensorboard --logdir {shlex.quote(shown(root / LOGS_DIR))}"]
-    if extend_to is None:
+    if extend_with is None:
         lines.append(f"  resume: {resume_command(run)}")
     else:  # a wsd run extends from the state before its decay
         stable = (run / "checkpoints" / "stable.ckpt").is_file()
-        more = ["--trainer.max_steps", str(extend_to)]
-        lines.append(f"  extend: {resume_command(run, 'stable' if stable else 'last', more)}")
+        lines.append(f"  extend: {resume_command(run, 'stable' if stable else 'last', extend_with)}")
     if started:
         return [f"gptlit: run '{run.name}' in {shown(run)}, checkpoints in {shown(run / 'checkpoints')}", *lines]
     saved = sorted((run / "checkpoints").glob("*.ckpt"))

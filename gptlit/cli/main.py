@@ -45,7 +45,7 @@ from gptlit.errors import ConfigError, GptlitError, UsageError
 from gptlit.export.command import export
 from gptlit.generation.decoding import SAMPLING_RANGES, sampling_option_error
 from gptlit.locks import DirectoryLock, lock_directory
-from gptlit.training.budget_callback import TimeBudget
+from gptlit.training.budget_callback import TimeBudget, clock
 from gptlit.training.checkpoint_callbacks import AtomicCheckpointIO, BestCheckpoint, LastCheckpoint, StableCheckpoint
 from gptlit.training.lightning_private import KeepConfigOverCheckpoint
 from gptlit.training.module import GPTLitModule
@@ -179,10 +179,13 @@ class GPTLitCLI(KeepConfigOverCheckpoint, LightningCLI):
     def after_fit(self) -> None:
         """Say where the run's checkpoints are, and what to run next."""
         trainer = self.trainer
-        finished = 0 < trainer.max_steps <= trainer.global_step
+        extend_with = None
+        if 0 < trainer.max_steps <= trainer.global_step:  # finished: it goes on with twice its budget or steps
+            budget = next((c.plan for c in trainer.callbacks if isinstance(c, TimeBudget) and c.plan), None)
+            twice = ["--trainer.max_time", clock(2 * budget.budget_s)] if budget else []
+            extend_with = twice or ["--trainer.max_steps", str(2 * trainer.max_steps)]
         if is_rank_zero():
-            lines = where_lines(self.run_dir, started=False, extend_to=2 * trainer.max_steps if finished else None)
-            print("\n".join(lines), file=sys.stderr)
+            print("\n".join(where_lines(self.run_dir, started=False, extend_with=extend_with)), file=sys.stderr)
 
     def fit(self, **kwargs) -> None:
         """``trainer.fit``: LightningCLI runs a method of the CLI named after the subcommand in its place."""

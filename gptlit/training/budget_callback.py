@@ -88,7 +88,7 @@ class TimeBudget(L.Callback):
             plan.decay_start, plan.noted, plan.shortened = None, None, None
             rank_zero_info(f"gptlit: a plan made anew from step {step}, for a {plan.describe().split(':')[0]}")
             return
-        own = _clock(saved["budget_s"])
+        own = clock(saved["budget_s"])
         raise UsageError(
             f"{ckpt_path} is at step {step}, past the start of its learning-rate decay (step {plan.decay_start} of "
             f"{plan.total}, planned for {own}): another trainer.max_time or max_steps would lay the decay anew "
@@ -158,7 +158,7 @@ class TimeBudget(L.Callback):
         _show_total(trainer, batches_done + (trainer.max_steps - step) * trainer.accumulate_grad_batches)
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     """Seconds as ``trainer.max_time`` writes them: ``DD:HH:MM:SS``."""
     minutes, second = divmod(round(seconds), 60)
     hours, minute = divmod(minutes, 60)
