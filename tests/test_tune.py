@@ -98,11 +98,12 @@ def test_a_search_file_reads_as_optunas_suggest_calls(tmp_path: Path) -> None:
     ]
 
 
-def test_the_shipped_search_is_one_that_fit_takes_with_its_config() -> None:
-    search = ROOT / "configs" / "search" / "tiny.yaml"
+@pytest.mark.parametrize("search", sorted((ROOT / "configs" / "search").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_shipped_searches_are_ones_that_fit_takes_with_tiny_yaml(search: Path) -> None:
     params = read_search(search)
-    ends = {p.key: p.choices[-1] if p.type == "categorical" else p.high for p in params}
-    check_fit_options(["--config", str(ROOT / "configs" / "tiny.yaml"), *fit_args(ends)], str(search))
+    for end in (0, -1):  # the low ends, then the high ends
+        values = {p.key: p.choices[end] if p.type == "categorical" else (p.low, p.high)[end] for p in params}
+        check_fit_options(["--config", str(ROOT / "configs" / "tiny.yaml"), *fit_args(values)], str(search))
 
 
 BAD_SEARCHES = {
@@ -129,6 +130,17 @@ def test_a_bad_search_file_is_refused_in_one_line_before_anything_trains(
     assert exit_info.value.code != 0
     assert len(err.splitlines()) == 1 and err.startswith("gptlit: error:") and message in err, err
     assert not (workdir / "lightning_logs").exists() and not any((workdir / "data").iterdir())
+
+
+@pytest.mark.parametrize("option", ["--trials=0", "--startup_trials=-1", "--prune_after=-1"])
+def test_a_bad_tune_option_is_refused_in_one_line(workdir: Path, option: str, capsys: pytest.CaptureFixture) -> None:
+    write_search(workdir / "search.yaml", "model.learning_rate: {type: float, low: 1.0e-3, high: 1.0e-2}")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(*tune_args(workdir, 3), option)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code != 0
+    assert len(err.splitlines()) == 1 and option.split("=")[0] in err, err
+    assert not (workdir / "lightning_logs").exists()
 
 
 def test_tune_without_optuna_says_how_to_install_it(

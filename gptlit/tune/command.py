@@ -83,6 +83,7 @@ def tune_parser() -> TuneArgumentParser:
     add("--storage", help="an Optuna storage URL (default: sqlite:///<root>/lightning_logs/<study>/study.db)")
     add("--show", action="store_true", help="print the study's table and write best.yaml; train nothing")
     add("--sampler", choices=("tpe", "random"), default="tpe", help="how values are drawn (default: tpe)")
+    add("--startup_trials", type=int, default=10, help="random trials before TPE models the scores (default: 10)")
     add("--seed", type=int, help="the sampler's seed (leave it unset when several processes share a study)")
     add("--pruner", choices=("median", "none"), default="median", help="stop trials worse than the median")
     add("--prune_after", type=int, default=5, help="finished trials before the median pruner prunes (default: 5)")
@@ -95,6 +96,9 @@ def tune(args: list[str]) -> None:
     optuna = _import_optuna()
     if options.trials < 1:
         raise UsageError(f"--trials {options.trials}: give at least 1")
+    if options.startup_trials < 0 or options.prune_after < 0:
+        bad = "startup_trials" if options.startup_trials < 0 else "prune_after"
+        raise UsageError(f"--{bad} {getattr(options, bad)}: give 0 or more")
     if not options.show and not options.search:
         raise UsageError("give --search <file> (the search space; see configs/search/tiny.yaml), or --show")
     root = _root_dir(fit_options, options.config)
@@ -261,7 +265,7 @@ def _import_optuna() -> Any:
 def _sampler(optuna: Any, options: argparse.Namespace) -> Any:
     if options.sampler == "random":
         return optuna.samplers.RandomSampler(seed=options.seed)
-    return optuna.samplers.TPESampler(seed=options.seed)
+    return optuna.samplers.TPESampler(n_startup_trials=options.startup_trials, seed=options.seed)
 
 
 def _pruner(optuna: Any, options: argparse.Namespace) -> Any:
