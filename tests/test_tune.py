@@ -17,6 +17,8 @@ import yaml
 from helpers import run_cli, write_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from gptlit.checkpoint import read_checkpoint
+from gptlit.training.scoring import checkpoint_bpb
 from gptlit.tune.command import check_fit_options
 from gptlit.tune.space import Param, fit_args, read_search
 
@@ -132,7 +134,7 @@ def test_a_bad_search_file_is_refused_in_one_line_before_anything_trains(
     assert not (workdir / "lightning_logs").exists() and not any((workdir / "data").iterdir())
 
 
-@pytest.mark.parametrize("option", ["--trials=0", "--startup_trials=-1", "--prune_after=-1"])
+@pytest.mark.parametrize("option", ["--trials=0", "--startup_trials=-1", "--prune_after=-1", "--score_tokens=-1"])
 def test_a_bad_tune_option_is_refused_in_one_line(workdir: Path, option: str, capsys: pytest.CaptureFixture) -> None:
     write_search(workdir / "search.yaml", "model.learning_rate: {type: float, low: 1.0e-3, high: 1.0e-2}")
     with pytest.raises(SystemExit) as exit_info:
@@ -163,7 +165,7 @@ def test_fit_and_the_trials_callback_never_import_optuna() -> None:
 
 @pytest.mark.slow
 def test_a_study_writes_its_record_its_table_and_a_best_yaml_that_fit_takes(workdir: Path) -> None:
-    done = tune(workdir, tune_args(workdir, 3))
+    done = tune(workdir, tune_args(workdir, 3, "--score_tokens", "100"))
     assert done.returncode == 0, done.stderr
     study_dir = workdir / "lightning_logs" / "tiny-search"
     study = study_of(workdir)
@@ -185,6 +187,9 @@ def test_a_study_writes_its_record_its_table_and_a_best_yaml_that_fit_takes(work
     assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
     assert events.Scalars("tune/bpb")[-1].value == pytest.approx(best.value)
     assert best.user_attrs["steps"] == events.Scalars("tune/bpb")[-1].step > 0
+    # Its score: its last checkpoint's bits per byte on the validation split's first 100 tokens.
+    last = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert best.value == pytest.approx(checkpoint_bpb(last, saved["data"]["data_dir"], max_tokens=100), rel=1e-6)
     # best.yaml: the best trial's config, as a new run of its own.
     config = yaml.safe_load((study_dir / "best.yaml").read_text())
     assert config["model"]["learning_rate"] == best.params["model.learning_rate"]

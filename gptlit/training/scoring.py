@@ -14,17 +14,26 @@ import torch
 
 from gptlit.checkpoint import read_checkpoint
 from gptlit.data.store import check_bin, read_meta
+from gptlit.errors import UsageError
 from gptlit.model.gpt import GPT
 
 
 @torch.inference_mode()
-def split_bpb(model: GPT, data_dir: str | Path, split: str = "val", batch_size: int = 16) -> float:
+def split_bpb(
+    model: GPT, data_dir: str | Path, split: str = "val", batch_size: int = 16, max_tokens: int | None = None
+) -> float:
     """Bits per byte of ``split`` of the prepared ``data_dir`` under ``model``: the split cut into windows of
-    ``block_size`` tokens (the last partial one left out), each predicted from its own start."""
+    ``block_size`` tokens (the last partial one left out), each predicted from its own start.
+
+    ``max_tokens`` scores the split's first tokens only (the same text for every model scored with it); their
+    bytes are counted at the whole split's bytes per token."""
     meta = read_meta(data_dir)
     path, dtype, count = check_bin(data_dir, meta, split)
-    tokens = torch.from_numpy(np.fromfile(path, dtype=dtype).astype(np.int64))
+    count = count if max_tokens is None else min(count, max_tokens)
+    tokens = torch.from_numpy(np.fromfile(path, dtype=dtype, count=count).astype(np.int64))
     T = model.config.block_size
+    if count <= T:
+        raise UsageError(f"{count} tokens of the {split} split fill no window of block_size {T} + 1: nothing to score")
     windows = tokens[: (count - 1) // T * T + 1]
     x = windows[:-1].view(-1, T)  # (N, T)
     y = windows[1:].view(-1, T)  # (N, T)
@@ -37,10 +46,13 @@ def split_bpb(model: GPT, data_dir: str | Path, split: str = "val", batch_size: 
     return nats / len(x) / math.log(2) / bytes_per_token
 
 
-def checkpoint_bpb(checkpoint: dict, data_dir: str | Path, device: str | torch.device = "cpu") -> float:
-    """Validation bits per byte of the model a checkpoint (`gptlit.checkpoint.read_checkpoint`) holds."""
+def checkpoint_bpb(
+    checkpoint: dict, data_dir: str | Path, device: str | torch.device = "cpu", max_tokens: int | None = None
+) -> float:
+    """Validation bits per byte of the model a checkpoint (`gptlit.checkpoint.read_checkpoint`) holds (of the first
+    ``max_tokens`` tokens, when given: `split_bpb`)."""
     model = GPT.from_checkpoint(checkpoint).float().to(device).eval()
-    return split_bpb(model, data_dir)
+    return split_bpb(model, data_dir, max_tokens=max_tokens)
 
 
 def score(run: Path, data_dir: Path, device: str | torch.device = "cpu") -> float:

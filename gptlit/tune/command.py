@@ -6,9 +6,9 @@
 Every option that is not tune's own is a ``fit`` option, given to every trial. A trial draws its values from the
 search file (`gptlit.tune.space`), trains in a process of its own (`gptlit.tune.trials`) as
 ``<root>/lightning_logs/<study>/lightning_logs/trial-NNN``, and is scored by the bits per byte of its last
-checkpoint on the whole validation split (`gptlit.training.scoring`). The study lives in Optuna's storage
-(`gptlit.tune.study`): by default ``<root>/lightning_logs/<study>/study.db``. Optuna is imported only here, when
-tune runs: ``fit`` and the rest never need it.
+checkpoint on the validation split's first ``--score_tokens`` tokens (`gptlit.training.scoring`). The study lives
+in Optuna's storage (`gptlit.tune.study`): by default ``<root>/lightning_logs/<study>/study.db``. Optuna is
+imported only here, when tune runs: ``fit`` and the rest never need it.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def tune_parser() -> TuneArgumentParser:
     add("--show", action="store_true", help="print the study's table and write best.yaml; train nothing")
     add("--sampler", choices=("tpe", "random"), default="tpe", help="how values are drawn (default: tpe)")
     add("--startup_trials", type=int, default=10, help="random trials before TPE models the scores (default: 10)")
+    add("--score_tokens", type=int, default=1_000_000, help="validation tokens a trial is scored on (0: all)")
     add("--seed", type=int, help="the sampler's seed (leave it unset when several processes share a study)")
     add("--pruner", choices=("median", "none"), default="median", help="stop trials worse than the median")
     add("--prune_after", type=int, default=5, help="finished trials before the median pruner prunes (default: 5)")
@@ -96,8 +97,8 @@ def tune(args: list[str]) -> None:
     optuna = _import_optuna()
     if options.trials < 1:
         raise UsageError(f"--trials {options.trials}: give at least 1")
-    if options.startup_trials < 0 or options.prune_after < 0:
-        bad = "startup_trials" if options.startup_trials < 0 else "prune_after"
+    bad = next((name for name in ("startup_trials", "prune_after", "score_tokens") if getattr(options, name) < 0), None)
+    if bad:
         raise UsageError(f"--{bad} {getattr(options, bad)}: give 0 or more")
     if not options.show and not options.search:
         raise UsageError("give --search <file> (the search space; see configs/search/tiny.yaml), or --show")
@@ -123,7 +124,7 @@ def tune(args: list[str]) -> None:
         direction="minimize",
         load_if_exists=True,
     )
-    search = Search(optuna, study, storage, params, base, study_dir, options.trials)
+    search = Search(optuna, study, storage, params, base, study_dir, options.trials, options.score_tokens or None)
     previous = {
         signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt),  # stopped as by Ctrl-C: the running trial too
         signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),  # also when started ignoring it
@@ -148,10 +149,18 @@ class Search:
     """The loop of one tune process: start trials until the study has its ``trials`` (other processes' included)."""
 
     def __init__(
-        self, optuna: Any, study: Any, storage: Any, params: list[Param], base: list[str], study_dir: Path, trials: int
+        self,
+        optuna: Any,
+        study: Any,
+        storage: Any,
+        params: list[Param],
+        base: list[str],
+        study_dir: Path,
+        trials: int,
+        score_tokens: int | None = None,
     ) -> None:
         self.optuna, self.study, self.storage, self.params = optuna, study, storage, params
-        self.base, self.study_dir, self.trials = base, study_dir, trials
+        self.base, self.study_dir, self.trials, self.score_tokens = base, study_dir, trials, score_tokens
         self.State = optuna.trial.TrialState
 
     def finished(self) -> int:
@@ -203,7 +212,7 @@ class Search:
         except GptlitError as err:
             return self._fail(trial, str(err))
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        bpb = checkpoint_bpb(checkpoint, config["data"]["data_dir"], device)
+        bpb = checkpoint_bpb(checkpoint, config["data"]["data_dir"], device, self.score_tokens)
         step = checkpoint["global_step"]
         trial.set_user_attr(STEPS, step)
         if not math.isfinite(bpb):
