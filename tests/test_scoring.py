@@ -38,5 +38,8 @@ def test_a_split_scores_its_windows_bits_per_byte(prepared: Path) -> None:
     # The first 100 tokens: three windows of 32, the same text for every model scored so.
     assert split_bpb(model, data_dir, max_tokens=100) == pytest.approx(by_hand(model, data_dir, 100), rel=1e-5)
     assert split_bpb(model, data_dir, max_tokens=10**9) == split_bpb(model, data_dir)
+    # Fewer tokens than a window: the first window all the same.
+    assert split_bpb(model, data_dir, max_tokens=10) == pytest.approx(by_hand(model, data_dir, 33), rel=1e-5)
+    # A split shorter than one window has nothing to score: said in one line.
     with pytest.raises(UsageError, match="fill no window"):
-        split_bpb(model, data_dir, max_tokens=32)
+        split_bpb(tiny_model(block_size=4096, vocab_size=model.config.vocab_size), data_dir)

@@ -25,13 +25,13 @@ def split_bpb(
     """Bits per byte of ``split`` of the prepared ``data_dir`` under ``model``: the split cut into windows of
     ``block_size`` tokens (the last partial one left out), each predicted from its own start.
 
-    ``max_tokens`` scores the split's first tokens only (the same text for every model scored with it); their
-    bytes are counted at the whole split's bytes per token."""
+    ``max_tokens`` scores the split's first tokens only, one window at least (the same text for every model of
+    a block_size scored with it); their bytes are counted at the whole split's bytes per token."""
     meta = read_meta(data_dir)
     path, dtype, count = check_bin(data_dir, meta, split)
-    count = count if max_tokens is None else min(count, max_tokens)
-    tokens = torch.from_numpy(np.fromfile(path, dtype=dtype, count=count).astype(np.int64))
     T = model.config.block_size
+    count = count if max_tokens is None else min(count, max(max_tokens, T + 1))
+    tokens = torch.from_numpy(np.fromfile(path, dtype=dtype, count=count).astype(np.int64))
     if count <= T:
         raise UsageError(f"{count} tokens of the {split} split fill no window of block_size {T} + 1: nothing to score")
     windows = tokens[: (count - 1) // T * T + 1]

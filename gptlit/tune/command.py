@@ -212,7 +212,10 @@ class Search:
         except GptlitError as err:
             return self._fail(trial, str(err))
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        bpb = checkpoint_bpb(checkpoint, config["data"]["data_dir"], device, self.score_tokens)
+        try:
+            bpb = checkpoint_bpb(checkpoint, config["data"]["data_dir"], device, self.score_tokens)
+        except GptlitError as err:  # a validation split shorter than a window, or gone
+            return self._fail(trial, str(err))
         step = checkpoint["global_step"]
         trial.set_user_attr(STEPS, step)
         if not math.isfinite(bpb):
