@@ -19,6 +19,7 @@ from gptlit.cli.main import cli_main
 from gptlit.data.datamodule import TextDataModule
 from gptlit.data.sources import TXT_SEPARATOR
 from gptlit.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from gptlit.generation.decoding import CachedDecoding
 from gptlit.generation.draft import NgramDraft, NgramTable
 from gptlit.generation.sampling import pick_tokens, token_uniforms
 from gptlit.model.config import GPTConfig
@@ -37,6 +38,16 @@ ARCHITECTURES = pytest.mark.parametrize(
     ],
     ids=["rope", "learned", "gqa-qknorm", "geglu"],
 )
+# The variants past GPT-NeoX's shape, each on its own and all together.
+VARIANTS = [
+    dict(mlp="swiglu"),
+    dict(mlp="relu2"),
+    dict(mlp="geglu", norm_type="rmsnorm", bias=False),
+    dict(n_kv_heads=2),
+    dict(n_kv_heads=1, qk_norm=True),
+    dict(tie_embeddings=False),
+    dict(norm_type="rmsnorm", mlp="swiglu", n_kv_heads=2, qk_norm=True, tie_embeddings=False, bias=False),
+]
 MODEL = {"block_size": 32, "embed_dim": 32, "n_heads": 2, "n_layers": 2, "dropout": 0.0}
 OPTIM = {"learning_rate": 3e-3, "min_lr": 3e-4, "warmup": 4}
 
@@ -216,19 +227,21 @@ def reference_generate(
 
 
 class CountingForward:
-    """Counts the model's forward passes and the tokens fed to each decoding pass (prefills left out)."""
+    """Counts the model's decoding passes (`CachedDecoding.run`, eager or compiled, prefills included) and the
+    tokens fed to each pass after the prefill."""
 
     def __init__(self, model: GPT, monkeypatch) -> None:
         self.calls, self.fed = 0, []
-        forward = model.forward
+        run = CachedDecoding.run
 
-        def counted(idx, input_pos=None, cache_len=None):
-            self.calls += 1
-            if int(input_pos[0]) > 0:
-                self.fed.append(idx.size(1))
-            return forward(idx, input_pos, cache_len)
+        def counted(decoding: CachedDecoding, fed: list[list[int]], pos: int) -> torch.Tensor:
+            if decoding.model is model:
+                self.calls += 1
+                if pos > 0:
+                    self.fed.append(len(fed[0]))
+            return run(decoding, fed, pos)
 
-        monkeypatch.setattr(model, "forward", counted)
+        monkeypatch.setattr(CachedDecoding, "run", counted)
 
 
 def expected_passes(

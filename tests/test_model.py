@@ -7,21 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import VARIANTS
 
 from gptlit.model.config import GPTConfig
 from gptlit.model.gpt import GPT
 
 POSITIONS = pytest.mark.parametrize("use_rope", [True, False], ids=["rope", "learned"])
-# The variants past GPT-NeoX's shape, each on its own and all together.
-VARIANTS = [
-    dict(mlp="swiglu"),
-    dict(mlp="relu2"),
-    dict(mlp="geglu", norm_type="rmsnorm", bias=False),
-    dict(n_kv_heads=2),
-    dict(n_kv_heads=1, qk_norm=True),
-    dict(tie_embeddings=False),
-    dict(norm_type="rmsnorm", mlp="swiglu", n_kv_heads=2, qk_norm=True, tie_embeddings=False, bias=False),
-]
 
 
 def tiny_config(**overrides) -> GPTConfig:

@@ -28,7 +28,8 @@ Prompts = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
 
 
 class CausalLM(Protocol):
-    """What decoding needs of a model (gptlit.model.gpt.GPT has it)."""
+    """What decoding needs of a model (gptlit.model.gpt.GPT has it). A model may also have ``cached_pass()``: the
+    same forward pass over its KV cache with less Python, made once the cache is set (`GPT.cached_pass`)."""
 
     config: Any  # .block_size and .vocab_size
     training: bool
@@ -146,7 +147,7 @@ class CachedDecoding:
     """
 
     def __init__(self, model: CausalLM, batch_size: int, compile: bool = False) -> None:
-        self.model, self.batch_size = model, batch_size
+        self.model, self.batch_size, self.compile = model, batch_size, compile
         self.device = next(model.parameters()).device
         self.forward: Callable[..., torch.Tensor] = partial(_compiled_forward(), model) if compile else model
         self.window = model.config.block_size
@@ -157,6 +158,9 @@ class CachedDecoding:
         self._was_training = self.model.training
         self.model.train(False)
         self.model.set_kv_cache(self.batch_size, self.window, device=self.device)
+        cached_pass = getattr(self.model, "cached_pass", None)
+        if not self.compile and cached_pass is not None:  # the same logits with less Python per pass
+            self.forward = cached_pass()
         return self
 
     def __exit__(self, *exc: object) -> None:

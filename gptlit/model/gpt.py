@@ -21,6 +21,7 @@ from torch import nn
 
 from gptlit.checkpoint import model_state_dict, read_checkpoint
 from gptlit.errors import UsageError
+from gptlit.model.cached_pass import CachedPass
 from gptlit.model.config import GPTConfig
 from gptlit.model.layers import MLP, CausalSelfAttention, KVCache, Norm
 from gptlit.model.loss import chunked_cross_entropy
@@ -176,6 +177,11 @@ class GPT(nn.Module):
             )
         ones = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device)
         self.causal_mask = torch.tril(ones)  # (L, L)
+
+    def cached_pass(self) -> CachedPass:
+        """The forward pass of decoding over the current KV cache, in eval mode: ``forward(idx, input_pos,
+        cache_len)``'s logits, bit for bit, with less Python per pass (`gptlit.model.cached_pass`)."""
+        return CachedPass(self)
 
     def clear_kv_cache(self) -> None:
         for block in self.blocks:
