@@ -30,6 +30,7 @@ from common import interleaved, machine, markdown_table, rate, write_section
 from generate import train_tiny, validation_openings
 
 from gptlit.export.command import export
+from gptlit.generation.decoding import CachedDecoding
 from gptlit.generation.draft import NgramTable
 from gptlit.generation.generate import generate
 from gptlit.training.runs import load_model
@@ -43,13 +44,19 @@ class PassCounter:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.passes = self.guessed = 0
-        self.handle = model.register_forward_pre_hook(self.count, with_kwargs=True)
+        self.run = run = CachedDecoding.run
 
-    def count(self, module, args, kwargs) -> None:
-        idx, input_pos = args[0], args[1] if len(args) > 1 else kwargs.get("input_pos")
-        self.passes += 1
-        if input_pos is not None and int(input_pos[0]) > 0:
-            self.guessed += idx.size(1) - 1
+        def counted(decoding: CachedDecoding, fed: list[list[int]], pos: int) -> torch.Tensor:
+            if decoding.model is model:
+                self.passes += 1
+                if pos > 0:
+                    self.guessed += len(fed[0]) - 1
+            return run(decoding, fed, pos)
+
+        CachedDecoding.run = counted
+
+    def remove(self) -> None:
+        CachedDecoding.run = self.run
 
 
 def main() -> None:
@@ -116,7 +123,7 @@ def main() -> None:
             if compiled:
                 checks[name] = (*checks[name.removesuffix(" --compile")][:2], same)
                 continue
-            counter.handle.remove()
+            counter.remove()
             new = sum(map(len, out))
             accepted = new - counter.passes  # each pass gives its confirmed guesses and one token more
             checks[name] = (new / counter.passes, accepted / counter.guessed if counter.guessed else None, same)

@@ -21,7 +21,7 @@ import torch
 
 from gptlit.errors import UsageError
 from gptlit.generation.sampling import greedy as greedy  # gptlit.sampling (0.2.0, now this module) had them
-from gptlit.generation.sampling import pick_tokens, random_seed, token_uniforms
+from gptlit.generation.sampling import pick_ids, random_seed, uniform_numbers
 from gptlit.generation.sampling import sample_next as sample_next
 
 Prompts = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
@@ -201,8 +201,8 @@ def sample_stream(
         logits = decoding.prefill(seqs, start, cur)
         while True:
             step: dict[int, int] = {}
-            uniforms = None if options.temperature == 0 else token_uniforms(seed, ((i, cur) for i in range(B)))
-            for i, token in enumerate(pick_tokens(logits, uniforms, *filters).tolist()):
+            uniforms = () if options.temperature == 0 else uniform_numbers(seed, ((i, cur) for i in range(B)))
+            for i, token in enumerate(pick_ids(logits, uniforms, *filters)):
                 if cur < lengths[i]:  # still reading its prompt: the sample is dropped
                     continue
                 seqs[i].append(token)

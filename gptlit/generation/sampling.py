@@ -15,7 +15,9 @@ changes only when ``u`` falls within rounding of an edge, as rarely as a near-ti
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from bisect import bisect_right
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -31,12 +33,17 @@ def _mix(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def token_uniforms(seed: int, keys: Iterable[tuple[int, int]]) -> torch.Tensor:
+def uniform_numbers(seed: int, keys: Iterable[tuple[int, int]]) -> list[float]:
     """The uniform numbers in [0, 1) that pick the tokens at ``keys``, pairs (row, position: the token's index in
     its row's sequence, prompt included), under ``seed``: a hash of the three, so any position's number is had
-    directly, in any order. (len(keys),) float64."""
+    directly, in any order."""
     seed = _mix(seed & _MASK)
-    return torch.tensor([(_mix(_mix(seed ^ row) ^ pos) >> 11) * 2.0**-53 for row, pos in keys], dtype=torch.float64)
+    return [(_mix(_mix(seed ^ row) ^ pos) >> 11) * 2.0**-53 for row, pos in keys]
+
+
+def token_uniforms(seed: int, keys: Iterable[tuple[int, int]]) -> torch.Tensor:
+    """`uniform_numbers` as a tensor (len(keys),) float64."""
+    return torch.tensor(uniform_numbers(seed, keys), dtype=torch.float64)
 
 
 def random_seed() -> int:
@@ -63,24 +70,45 @@ def pick_tokens(
     top-p (see the module's docstring); temperature 0 is greedy and ignores the numbers. Returns (N,)."""
     if temperature == 0:
         return greedy(logits)
-    scores = logits.float() / temperature  # (N, V)
-    vocab_size = scores.size(-1)
+    picks = pick_ids(logits, uniforms.tolist(), temperature, top_k, top_p)
+    return torch.tensor(picks, dtype=torch.long, device=logits.device)
+
+
+def pick_ids(
+    logits: torch.Tensor,
+    uniforms: Sequence[float],
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> list[int]:
+    """`pick_tokens` as a list of ids, from the uniform numbers as floats (`uniform_numbers`).
+
+    The filters and the cumulative distribution are tensor operations over all rows; the search for each row's
+    number runs in Python over that row's few kept tokens. Right after a forward pass each tensor operation costs
+    several microseconds (a decoding pass leaves the CPU's caches cold), so this is fewer of them.
+    """
+    if temperature == 0:
+        return greedy(logits).tolist()
+    vocab_size = logits.size(-1)
     k = vocab_size if top_k is None else min(top_k, vocab_size)
-    nucleus = top_p is not None and top_p < 1.0
-    ids = None  # the kept tokens' ids when not the whole vocabulary
-    if nucleus:
-        scores, ids = _nucleus(scores, k, top_p)
+    if top_p is not None and top_p < 1.0:
+        scores, ids = _nucleus(logits.float() / temperature, k, top_p)
     elif k < vocab_size:
-        scores, ids = torch.topk(scores, k, dim=-1)  # (N, k), most likely first
+        scores, ids = torch.topk(logits, k, dim=-1)  # (N, k), most likely first
+        scores = scores.float() / temperature
+    else:
+        scores, ids = logits.float() / temperature, None
     if ids is not None:
         ids, order = ids.sort(dim=-1)  # back to vocabulary order
         scores = scores.gather(-1, order)
     cdf = scores.double().softmax(dim=-1).cumsum(dim=-1)  # (N, K)
-    total = cdf[:, -1:]  # 1 up to rounding
-    # Strictly below the total, so that the slice found is a kept token's (one of positive probability).
-    target = torch.minimum(uniforms.to(cdf.device).unsqueeze(-1) * total, torch.nextafter(total, cdf.new_zeros(())))
-    picked = torch.searchsorted(cdf, target, right=True)  # (N, 1): the first token whose slice ends above target
-    return (picked if ids is None else ids.gather(-1, picked)).squeeze(-1)
+    picks = []
+    for u, row in zip(uniforms, cdf.tolist(), strict=True):
+        total = row[-1]  # 1 up to rounding
+        # Strictly below the total, so that the slice found is a kept token's (one of positive probability): the
+        # first token whose slice ends above the target.
+        picks.append(bisect_right(row, min(u * total, math.nextafter(total, 0.0))))
+    return picks if ids is None else [row[i] for row, i in zip(ids.tolist(), picks, strict=True)]
 
 
 def _nucleus(scores: torch.Tensor, k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +150,7 @@ def sample_next(
 
 
 class TokenPicker:
-    """The tokens of one row of a decoding: `pick_tokens` with the row's `token_uniforms` under one seed.
+    """The tokens of one row of a decoding: `pick_ids` with the row's `uniform_numbers` under one seed.
 
     Args:
         temperature, top_k, top_p: As `pick_tokens`.
@@ -135,10 +163,12 @@ class TokenPicker:
 
     def __call__(self, logits: torch.Tensor, first: int) -> list[int]:
         """The tokens at positions first, first + 1, ... that logits (N, V) predict, one per row."""
-        if self.temperature == 0:
-            return greedy(logits).tolist()
-        uniforms = token_uniforms(self.seed, ((self.row, p) for p in range(first, first + logits.size(0))))
-        return pick_tokens(logits, uniforms, self.temperature, self.top_k, self.top_p).tolist()
+        uniforms = () if self.temperature == 0 else self.uniforms(first, logits.size(0))
+        return pick_ids(logits, uniforms, self.temperature, self.top_k, self.top_p)
+
+    def uniforms(self, first: int, count: int) -> list[float]:
+        """The row's uniform numbers at positions first .. first + count - 1."""
+        return uniform_numbers(self.seed, ((self.row, p) for p in range(first, first + count)))
 
     def check(self, logits: torch.Tensor, first: int, guess: list[int]) -> list[int]:
         """The guessed tokens at positions first, first + 1, ... that the logits (len(guess) + 1, V) confirm, and

@@ -16,19 +16,22 @@ from torch import nn
 def build_rope_cache(seq_len: int, head_size: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (seq_len, head_size), in the rotate-half layout of GPT-NeoX and Llama.
 
-    Channel i and channel i + head_size/2 form one rotating pair, with frequency base^(-2i/head_size).
+    Channel i and channel i + head_size/2 form one rotating pair, with frequency base^(-2i/head_size). The sin
+    table's first half is negated: a rotation is then ``x * cos + x.roll(head_size // 2, -1) * sin`` (`apply_rope`).
     """
     inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))  # (hs/2,)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (T, hs/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (T, hs)
-    return angles.cos(), angles.sin()
+    return torch.cat((angles, angles), dim=-1).cos(), torch.cat((-angles.sin(), angles.sin()), dim=-1)  # (T, hs)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (..., T, hs) by the angles of its positions; cos and sin are (T, hs)."""
-    half = x.size(-1) // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # rotate_half(x)
-    return (x * cos + rotated * sin).to(x.dtype)
+    """Rotate x (..., T, hs) by the angles of its positions; cos and sin are (T, hs), sin's first half negated.
+
+    With (x1, x2) the halves of a head's channels: (x1 c - x2 s, x2 c + x1 s). Rolling x by half its channels puts
+    x2 where x1 was and x1 where x2 was; the negated half of sin gives -x2 s. One operation in place of slicing,
+    negating and concatenating rotate_half(x), with the same result, bit for bit.
+    """
+    return (x * cos + x.roll(x.size(-1) // 2, -1) * sin).to(x.dtype)
 
 
 def split_heads(
@@ -83,7 +86,7 @@ class RotaryQKV(torch.autograd.Function):
         B, T, _ = qkv.shape
         heads = qkv.view(B, T, n_heads + 2 * n_kv_heads, -1)  # (B, T, nh + 2 nkv, hs)
         half = heads.size(-1) // 2
-        c, s = cos[..., :half], sin[..., :half]  # (T, hs/2): both halves share their angles
+        c, s = cos[..., :half], sin[..., half:]  # (T, hs/2): both halves share their angles; sin's second is positive
         rotated = []
         for first, count in ((0, n_heads), (n_heads, n_kv_heads)):  # q, then k
             x = heads[:, :, first : first + count].transpose(1, 2)  # (B, n, T, hs): strided
@@ -101,7 +104,7 @@ class RotaryQKV(torch.autograd.Function):
         nh, nkv = ctx.n_heads, ctx.n_kv_heads
         B, _, T, hs = grad_q.shape
         half = hs // 2
-        c, s = cos[..., :half], sin[..., :half]
+        c, s = cos[..., :half], sin[..., half:]
         grad = torch.empty((B, T, nh + 2 * nkv, hs), dtype=grad_q.dtype, device=grad_q.device)  # qkv's layout
         for g, first, count in ((grad_q, 0, nh), (grad_k, nh, nkv)):
             dst = grad[:, :, first : first + count].transpose(1, 2)  # (B, n, T, hs) view into grad
