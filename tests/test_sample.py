@@ -193,3 +193,33 @@ def test_checkpoint_carries_config_and_tokenizer(in_trained: Path) -> None:
     prepared = Tokenizer.from_file(in_trained / "data" / "tokenizer.json")
     assert tokenizer.sha256 == prepared.sha256
     assert model.config.embed_dim == 32 and not model.training
+
+
+SAMPLED = ("--ckpt_path", "last", "--max_new_tokens", "40", "--temperature", "0.8", "--top_k", "40", "--seed", "2")
+
+
+def test_sample_drafts_from_its_runs_data_by_default(in_trained: Path, capsys) -> None:
+    auto, err = sample_out(capsys, *SAMPLED)
+    assert err.strip().endswith(f", n-grams of {in_trained / 'data'}]")  # the run's data.data_dir
+    alone, err = sample_out(capsys, *SAMPLED, "--draft_data", "none")
+    assert alone == auto and "n-grams" not in err
+
+
+def test_without_its_runs_data_sample_drafts_from_the_story_alone(trained: Path, tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(trained)
+    story, _ = sample_out(capsys, *SAMPLED)
+    moved = tmp_path / "moved"
+    shutil.copytree(trained, moved, ignore=shutil.ignore_patterns("data"))
+    config = moved / "lightning_logs" / "run" / "config.yaml"
+    config.write_text(config.read_text().replace(str(trained / "data"), "data"))  # relative: looked for in moved/
+    monkeypatch.chdir(moved)
+    gone, err = sample_out(capsys, *SAMPLED)
+    assert gone == story and "n-grams" not in err
+    shutil.copytree(trained / "data", moved / "data")
+    there, err = sample_out(capsys, *SAMPLED)
+    assert there == story and err.strip().endswith(", n-grams of data]")
+    meta = json.loads((moved / "data" / "meta.json").read_text())
+    meta["settings"]["tokenizer_sha256"] = "0" * 64  # now another tokenizer's tokens
+    (moved / "data" / "meta.json").write_text(json.dumps(meta))
+    other, err = sample_out(capsys, *SAMPLED)
+    assert other == story and "n-grams" not in err

@@ -6,6 +6,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from tokenizers.decoders import DecodeStream
@@ -16,7 +17,7 @@ from gptlit.generation.decoding import SamplingOptions, check_sampling_options
 from gptlit.generation.draft import NgramTable
 from gptlit.generation.generate import generate
 from gptlit.model.gpt import GPT
-from gptlit.training.runs import find_checkpoint, load_model
+from gptlit.training.runs import find_checkpoint, load_model, run_data_dir
 
 
 class TextStream:
@@ -74,7 +75,7 @@ def sample(
     device: str = "auto",
     run_name: str | None = None,
     root_dir: str = ".",
-    draft_data: str | None = None,
+    draft_data: str | None = "auto",
     draft_tokens: int = 8,
     compile: bool = False,
 ) -> None:
@@ -93,9 +94,10 @@ def sample(
         device: ``cpu``, ``cuda``, ``cuda:1``... or ``auto`` (a GPU when there is one).
         run_name: The run whose ``last``/``best`` checkpoint to use.
         root_dir: The directory holding ``lightning_logs/``.
-        draft_data: The prepared data directory the model was trained on (``data.data_dir``): decoding then
-            also guesses continuations seen in its training tokens, and confirms more tokens per forward pass.
-            The same story, sooner.
+        draft_data: A prepared data directory of the model's tokenizer, whose training tokens' n-grams decoding
+            also guesses from, confirming more tokens per forward pass: the same story, sooner. ``auto``: the
+            directory the checkpoint's run trained on (``data.data_dir`` of its config.yaml), when it is there and
+            holds the model's tokens; ``none``: guesses from the story's own text only.
         draft_tokens: Guessed tokens checked with each token, in one forward pass; 0 feeds one token at a time.
             The same story either way.
         compile: Compile the forward passes with ``torch.compile``: a wait before the first story, faster after.
@@ -107,7 +109,7 @@ def sample(
     device = _device(device)
     path = find_checkpoint(ckpt_path, root_dir, run_name)
     model, tokenizer = load_model(path, device)
-    draft_table = NgramTable.from_data_dir(draft_data, tokenizer_sha256=tokenizer.sha256) if draft_data else None
+    draft_table = read_draft_table(draft_data, path, tokenizer)
     if compile:  # compile before the first story, so that its speed is the decoding's
         compile_decoding(model, tokenizer, options)
 
@@ -120,6 +122,20 @@ def sample(
         read_prompts(write)
     else:
         write(prompt)
+
+
+def read_draft_table(draft_data: str | None, checkpoint: Path, tokenizer: Tokenizer) -> NgramTable | None:
+    """The n-gram table of ``--draft_data`` (see `sample`): a named directory that cannot serve is an error; with
+    ``auto``, a run's directory that is gone, or now holds another tokenizer's tokens, gives no table."""
+    if draft_data is None or draft_data == "none":
+        return None
+    if draft_data != "auto":
+        return NgramTable.from_data_dir(draft_data, tokenizer_sha256=tokenizer.sha256)
+    data_dir = run_data_dir(checkpoint)
+    try:
+        return None if data_dir is None else NgramTable.from_data_dir(data_dir, tokenizer_sha256=tokenizer.sha256)
+    except GptlitError:
+        return None
 
 
 def compile_decoding(model: GPT, tokenizer: Tokenizer, options: SamplingOptions) -> None:
@@ -170,7 +186,8 @@ def write_stories(
         story = options if options.seed is None else replace(options, seed=options.seed + i)
         tokens += write_story(model, tokenizer, prompt, story, draft_table=draft_table)
     elapsed = time.perf_counter() - start
-    print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s on {device}]", file=sys.stderr)
+    drafts = "" if draft_table is None else f", n-grams of {draft_table.source}"
+    print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s on {device}{drafts}]", file=sys.stderr)
 
 
 def read_prompts(write: Callable[[str], None]) -> None:

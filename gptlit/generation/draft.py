@@ -45,6 +45,7 @@ class NgramTable:
             raise UsageError(f"an n-gram of {max_ngram} + 1 ids of a {vocab_size}-token vocabulary overflows int64 "
                              "keys: use a smaller max_ngram")  # fmt: skip
         self.vocab_size, self.sizes = vocab_size, range(max_ngram, min_ngram - 1, -1)
+        self.source = "a token corpus"  # where the n-grams come from, in words
         ids = np.asarray(tokens, dtype=np.int64)
         if len(ids) and not 0 <= ids.min() <= ids.max() < vocab_size:
             raise UsageError(f"token ids must be in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
@@ -74,7 +75,9 @@ class NgramTable:
         another tokenizer is refused: its ids would name other tokens.
         """
         tokens, vocab_size = training_tokens(data_dir, tokenizer_sha256)
-        return cls(tokens[:max_tokens], vocab_size, **kwargs)
+        table = cls(tokens[:max_tokens], vocab_size, **kwargs)
+        table.source = str(data_dir)
+        return table
 
     @classmethod
     def from_model(
@@ -122,7 +125,9 @@ class NgramTable:
             stream = sample_stream(model, batch, options, eos_id)
             for opening, new in zip(batch, collect(stream, len(batch)), strict=True):
                 tokens += opening + new
-        return cls(np.array(tokens, dtype=np.int64), model.config.vocab_size, **kwargs)
+        table = cls(np.array(tokens, dtype=np.int64), model.config.vocab_size, **kwargs)
+        table.source = f"the model's greedy stories from {data_dir}"
+        return table
 
     def continuation(self, context: list[int], limit: int) -> list[int]:
         """Up to ``limit`` tokens after ``context``, each the most frequent one after the longest known n-gram."""

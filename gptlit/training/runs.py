@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from gptlit.checkpoint import check_same_shape as check_same_shape  # gptlit 0.2.0's place of it (gptlit.runs)
 from gptlit.checkpoint import existing_checkpoint, read_checkpoint, tokenizer_json
@@ -157,6 +158,24 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     checkpoint = read_checkpoint(path)
     tokenizer = Tokenizer.from_str(tokenizer_json(checkpoint, path))
     return GPT.from_checkpoint(checkpoint).to(device).eval(), tokenizer
+
+
+def run_data_dir(checkpoint: str | Path) -> Path | None:
+    """The prepared data directory that the run of ``checkpoint`` (a file in a run's ``checkpoints/``) trained on,
+    as its ``config.yaml`` names it (``data.data_dir``), when that directory is there; else None.
+
+    A relative directory is looked for where the run's ``lightning_logs/`` is, then in the working directory.
+    """
+    checkpoint = Path(checkpoint)
+    run = checkpoint.parent.parent
+    if checkpoint.parent.name != "checkpoints":
+        return None
+    try:
+        data_dir = Path(yaml.safe_load((run / "config.yaml").read_text())["data"]["data_dir"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    places = [data_dir] if data_dir.is_absolute() else [run.parent.parent / data_dir, Path.cwd() / data_dir]
+    return next((place for place in places if (place / "meta.json").is_file()), None)
 
 
 def find_checkpoint(ckpt_path: str, root: str | Path = ".", run_name: str | None = None) -> Path:
