@@ -6,11 +6,12 @@
 The model is a trained gptlit checkpoint (the `tiny.yaml` model; by default `benchmarks/generate.py`'s); transformers
 decodes its `gptlit export`. The prompts are the first 16 tokens of validation stories; each is continued by
 ``--new_tokens`` tokens (no end-of-text stop), one prompt at a time, as `python -m gptlit sample` does. Sampling is at
-top-k 40 (top-p off on both sides). For each setting: gptlit as `sample` runs it (drafted from the story itself),
-with the training data's n-gram table (`--draft_data`), compiled (`--compile`), and one token per pass; transformers
-plain. Columns: tokens per second (median of interleaved rounds), the ratio to transformers at the same setting,
-forward passes' tokens (new tokens per pass), the share of guessed tokens confirmed, and whether drafted decoding
-wrote the tokens of the one-token loop (sampling: the same seed; greedy: also transformers' tokens).
+top-k 40 with top-p off on both sides, and at T 0.8 also with `sample`'s default top-p of 0.95 on both sides. For each
+setting: gptlit as `sample` runs it by default (guesses from the story and from the n-grams of the run's training
+data), with guesses from the story alone (`--draft_data none`), compiled (`--compile`), and one token per pass;
+transformers plain. Columns: tokens per second (median of interleaved rounds), the ratio to transformers at the same
+setting, forward passes' tokens (new tokens per pass), the share of guessed tokens confirmed, and whether drafted
+decoding wrote the tokens of the one-token loop (sampling: the same seed; greedy: also transformers' tokens).
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def main() -> None:
     prompts = validation_openings(data_dir, PROMPTS, PROMPT_TOKENS)
     n = args.new_tokens
 
-    def hf(temperature: float) -> list[list[int]]:
-        sampling = dict(do_sample=True, temperature=temperature, top_k=TOP_K, top_p=1.0) if temperature else {}
+    def hf(temperature: float, top_p: float | None) -> list[list[int]]:
+        sampling = dict(do_sample=True, temperature=temperature, top_k=TOP_K, top_p=top_p or 1.0) if temperature else {}
         sampling.setdefault("do_sample", False)
         out = []
         with torch.inference_mode():
@@ -93,24 +94,25 @@ def main() -> None:
                 out.append(done[0, PROMPT_TOKENS:].tolist())
         return out
 
-    def gptlit(temperature: float, **options) -> list[list[int]]:
+    def gptlit(temperature: float, top_p: float | None, **options) -> list[list[int]]:
         top_k = TOP_K if temperature else None
-        return [generate(ours, ids, n, temperature, top_k, seed=i, **options)[0] for i, ids in enumerate(prompts)]
+        runs = enumerate(prompts)
+        return [generate(ours, ids, n, temperature, top_k, top_p, seed=i, **options)[0] for i, ids in runs]
 
     variants = {
-        "gptlit sample": lambda t: gptlit(t),
-        "gptlit sample --draft_data": lambda t: gptlit(t, draft_table=table),
-        "gptlit sample --compile": lambda t: gptlit(t, compile=True),
-        "gptlit sample --draft_data --compile": lambda t: gptlit(t, draft_table=table, compile=True),
-        "gptlit, one token per pass": lambda t: gptlit(t, draft_tokens=0),
+        "gptlit sample": partial(gptlit, draft_table=table),
+        "gptlit sample --draft_data none": gptlit,
+        "gptlit sample --compile": partial(gptlit, draft_table=table, compile=True),
+        "gptlit, one token per pass": partial(gptlit, draft_tokens=0),
         "transformers generate": hf,
     }
-    gptlit(0.0, compile=True), gptlit(0.8, compile=True, draft_tokens=0)  # compile first, outside the timing
+    gptlit(0.0, None, compile=True), gptlit(0.8, None, compile=True, draft_tokens=0)  # compile outside the timing
+    settings = [(t, None) for t in args.temperatures] + ([(0.8, 0.95)] if 0.8 in args.temperatures else [])
     rows = []
-    for temperature in args.temperatures:
-        reference = gptlit(temperature, draft_tokens=0)
+    for temperature, top_p in settings:
+        reference = gptlit(temperature, top_p, draft_tokens=0)
         if temperature == 0:  # greedy: the stories whose every token transformers' greedy decoding writes too
-            agree = sum(a == b for a, b in zip(reference, hf(0.0), strict=True))
+            agree = sum(a == b for a, b in zip(reference, hf(0.0, None), strict=True))
         checks = {}
         for name, run in variants.items():  # eager first: a compiled variant's passes are its eager twin's
             compiled = name.endswith(" --compile")
@@ -118,25 +120,27 @@ def main() -> None:
                 checks[name] = (None, None, None)
                 continue
             counter = None if compiled else PassCounter(ours)
-            out = run(temperature)
+            out = run(temperature, top_p)
             same = out == reference
             if compiled:
-                checks[name] = (*checks[name.removesuffix(" --compile")][:2], same)
+                checks[name] = (*checks["gptlit sample"][:2], same)
                 continue
             counter.remove()
             new = sum(map(len, out))
             accepted = new - counter.passes  # each pass gives its confirmed guesses and one token more
             checks[name] = (new / counter.passes, accepted / counter.guessed if counter.guessed else None, same)
-        runners = {name: rate(partial(run, temperature), PROMPTS * n) for name, run in variants.items()}
+        runners = {name: rate(partial(run, temperature, top_p), PROMPTS * n) for name, run in variants.items()}
         rates = interleaved(runners, args.rounds)
         base = rates["transformers generate"]
+        label = "greedy" if temperature == 0 else f"T {temperature:g}, top-k {TOP_K}"
+        label += f", top-p {top_p:g} (sample's defaults)" if top_p else ""
         for name in variants:
             per_pass, acceptance, same = checks[name]
             transformers = name.startswith("transformers")
             rows.append([
-                "greedy" if temperature == 0 else f"T {temperature:g}, top-k {TOP_K}", name, f"{rates[name]:,.0f}",
-                f"{rates[name] / base:.2f}", "" if transformers else f"{per_pass:.2f}",
-                "" if acceptance is None else f"{acceptance:.0%}", "" if transformers else str(same),
+                label, name, f"{rates[name]:,.0f}", f"{rates[name] / base:.2f}",
+                "" if transformers else f"{per_pass:.2f}", "" if acceptance is None else f"{acceptance:.0%}",
+                "" if transformers else str(same),
             ])  # fmt: skip
         print(rows[-len(variants) :], flush=True)
     header = ["decoding", "variant", "tokens/s", "vs transformers", "tokens per pass", "guesses confirmed", "same"]
@@ -149,7 +153,7 @@ def main() -> None:
     report = (
         f"`python benchmarks/sampling.py`: {checkpoint} ({ours.num_params() / 1e6:.1f}M parameters); the openings "
         f"({PROMPT_TOKENS} tokens) of {PROMPTS} validation stories, {n} new tokens each, batch 1, {args.rounds} "
-        f'interleaved rounds (median); n-gram table: the training split\'s (`--draft_data`). "same": the variant '
+        "interleaved rounds (median); n-gram table: the training split's (`sample`'s default). \"same\": the variant "
         f"wrote the tokens of one token per pass with the same seed.\n"
         f"Machine: {machine()}.\n\n{markdown_table(header, rows)}\n\n{greedy_note}"
     )
