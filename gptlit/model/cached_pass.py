@@ -11,6 +11,8 @@ tests/test_cached_pass.py holds the two equal, bit for bit, for every variant. E
 A float32 model on a CPU runs its pass with oneDNN off: oneDNN's element-wise kernels (GELU's) cost some 20 µs a call
 on a decoding pass's few values, where PyTorch's own take 2. The two GELUs differ in the last bit of some values, so
 the logits then equal those of `GPT.forward` run with oneDNN off (``torch.backends.mkldnn.flags(enabled=False)``).
+The setting is the process's: another thread's float32 operations during a pass run without oneDNN too (the same
+results up to rounding), and it is set back when the pass ends, however it ends.
 """
 
 from __future__ import annotations
