@@ -33,7 +33,11 @@ if TYPE_CHECKING:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    Decoding runs the same operations through `gptlit.model.cached_pass` (this forward and the attention's, over the
+    KV cache, without module calls): a change here goes there too; tests/test_cached_pass.py holds the two equal.
+    """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
