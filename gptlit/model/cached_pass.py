@@ -8,15 +8,16 @@ operations of `GPT.forward`, in its order, on them: each layer's own functions (
 ``activation``, the attention's `split_and_rotate`), the linear layers' weights. `GPT.forward` is the reference:
 tests/test_cached_pass.py holds the two equal, bit for bit, for every variant. Eval mode only (no dropout).
 
-A float32 model on a CPU runs its pass with oneDNN off: oneDNN's element-wise kernels (GELU's) cost some 20 µs a call
-on a decoding pass's few values, where PyTorch's own take 2. The two GELUs differ in the last bit of some values, so
-the logits then equal those of `GPT.forward` run with oneDNN off (``torch.backends.mkldnn.flags(enabled=False)``).
+A float32 model on an x86-64 CPU runs its pass with oneDNN off: oneDNN's element-wise kernels (GELU's) cost some
+20 µs a call on a decoding pass's few values, where PyTorch's own take 2. The two GELUs differ in the last bit of some
+values, so the logits then equal those of `GPT.forward` run with oneDNN off (``torch.backends.mkldnn.enabled``).
 The setting is the process's: another thread's float32 operations during a pass run without oneDNN too (the same
 results up to rounding), and it is set back when the pass ends, however it ends.
 """
 
 from __future__ import annotations
 
+import platform
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,7 +43,9 @@ class CachedPass:
         self.blocks = [_CachedBlock(block) for block in model.blocks]
         self.norm_f = model.norm_f.forward
         self.head = model.lm_head.weight, model.lm_head.bias  # (V, C), None
-        self.without_onednn = self.wte.device.type == "cpu" and self.wte.dtype == torch.float32
+        # Measured on x86-64 CPUs; elsewhere (aarch64 builds may route matmuls through oneDNN) it stays as set.
+        on_x86_cpu = self.wte.device.type == "cpu" and platform.machine().lower() in ("x86_64", "amd64")
+        self.without_onednn = on_x86_cpu and self.wte.dtype == torch.float32
 
     def __call__(self, idx: torch.Tensor, input_pos: torch.Tensor, cache_len: int) -> torch.Tensor:
         """Logits (B, T, V) of tokens idx (B, T) at the cache's last positions, input_pos (T,): cache_len - T ..
