@@ -34,10 +34,17 @@ class NgramTable:
         min_ngram: Shortest context: a continuation stops where only a shorter one was ever seen.
         min_count: Keep an n-gram only if its most frequent next token followed it this often: a context
             seen once predicts worse than a shorter one seen many times.
+        source: Where the tokens come from, in words (``sample`` names it beside its speed).
     """
 
     def __init__(
-        self, tokens: np.ndarray, vocab_size: int, max_ngram: int = 3, min_ngram: int = 2, min_count: int = 2
+        self,
+        tokens: np.ndarray,
+        vocab_size: int,
+        max_ngram: int = 3,
+        min_ngram: int = 2,
+        min_count: int = 2,
+        source: str = "a token corpus",
     ) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise UsageError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram}, max_ngram={max_ngram}")
@@ -45,7 +52,7 @@ class NgramTable:
             raise UsageError(f"an n-gram of {max_ngram} + 1 ids of a {vocab_size}-token vocabulary overflows int64 "
                              "keys: use a smaller max_ngram")  # fmt: skip
         self.vocab_size, self.sizes = vocab_size, range(max_ngram, min_ngram - 1, -1)
-        self.source = "a token corpus"  # where the n-grams come from, in words
+        self.source = source
         ids = np.asarray(tokens, dtype=np.int64)
         if len(ids) and not 0 <= ids.min() <= ids.max() < vocab_size:
             raise UsageError(f"token ids must be in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
@@ -75,9 +82,7 @@ class NgramTable:
         another tokenizer is refused: its ids would name other tokens.
         """
         tokens, vocab_size = training_tokens(data_dir, tokenizer_sha256)
-        table = cls(tokens[:max_tokens], vocab_size, **kwargs)
-        table.source = str(data_dir)
-        return table
+        return cls(tokens[:max_tokens], vocab_size, source=str(data_dir), **kwargs)
 
     @classmethod
     def from_model(
@@ -125,9 +130,8 @@ class NgramTable:
             stream = sample_stream(model, batch, options, eos_id)
             for opening, new in zip(batch, collect(stream, len(batch)), strict=True):
                 tokens += opening + new
-        table = cls(np.array(tokens, dtype=np.int64), model.config.vocab_size, **kwargs)
-        table.source = f"the model's greedy stories from {data_dir}"
-        return table
+        source = f"the model's greedy stories from {data_dir}"
+        return cls(np.array(tokens, dtype=np.int64), model.config.vocab_size, source=source, **kwargs)
 
     def continuation(self, context: list[int], limit: int) -> list[int]:
         """Up to ``limit`` tokens after ``context``, each the most frequent one after the longest known n-gram."""
