@@ -145,11 +145,12 @@ class SignalWhenDecaying(L.Callback):
 
 
 class RecordBarTotal(L.Callback):
-    """Writes ``path``: the training progress bar's total and count when training ends (JSON)."""
+    """Writes ``path``: the training progress bar's total and count when training ends, and the epochs begun (JSON)."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
 
     def on_train_end(self, trainer, pl_module) -> None:
         task = trainer.progress_bar_callback.train_progress_bar  # a rich Task
-        self.path.write_text(json.dumps({"total": task.total, "completed": task.completed}))
+        epochs = trainer.current_epoch + 1
+        self.path.write_text(json.dumps({"total": task.total, "completed": task.completed, "epochs": epochs}))

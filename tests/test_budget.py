@@ -196,14 +196,19 @@ def assert_the_same_plan(resumed: dict, plan: dict, step: int) -> None:
 
 
 @pytest.mark.slow
-def test_a_budgeted_run_ends_inside_its_budget_with_the_decay_done(workdir: Path, one_thread, caplog) -> None:
+@pytest.mark.parametrize("batch_size", [1, 64], ids=["windows-of-1", "many-epochs"])
+def test_a_budgeted_run_ends_inside_its_budget_with_the_decay_done(
+    workdir: Path, one_thread, caplog, batch_size: int
+) -> None:
     record = f'{{"class_path": "probes.RecordBarTotal", "init_args": {{"path": "{workdir / "bar.json"}"}}}}'
     config = budget_config(workdir, "budget", enable_progress_bar=True)
-    run_cli("fit", "--config", str(config), "--data.batch_size", "1", f"--trainer.callbacks+={record}")
+    run_cli("fit", "--config", str(config), "--data.batch_size", str(batch_size), f"--trainer.callbacks+={record}")
     plan = assert_ended_inside_the_budget_with_the_decay_done(workdir / "lightning_logs" / "budget")
     assert f"0:{BUDGET_S} budget: {plan['total']} steps at " in caplog.text  # the frozen plan, logged
-    # The progress bar counts to the planned steps (an epoch of windows of one is longer than the run).
-    assert json.loads((workdir / "bar.json").read_text()) == {"total": plan["total"], "completed": plan["total"]}
+    # The progress bar counts the run's steps to the planned total, over one epoch or several (windows of 64).
+    bar = json.loads((workdir / "bar.json").read_text())
+    assert bar == {"total": plan["total"], "completed": plan["total"], "epochs": bar["epochs"]}
+    assert bar["epochs"] > 1 or batch_size == 1
 
 
 @pytest.mark.slow

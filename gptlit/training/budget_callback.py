@@ -14,6 +14,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from gptlit.errors import UsageError
 from gptlit.training.budget import BudgetPlan, StepRate
 from gptlit.training.lightning_private import set_max_steps
+from gptlit.training.progress import StepProgressBar
 
 
 class TimeBudget(L.Callback):
@@ -167,8 +168,10 @@ def clock(seconds: float) -> str:
 
 
 def _show_total(trainer: L.Trainer, batches: int) -> None:
-    """Set the progress bar's total for this epoch to ``batches`` (at most the epoch's)."""
-    bar, total = trainer.progress_bar_callback, min(trainer.num_training_batches, batches)
+    """Set the progress bar's total: gptlit's bar counts the run's optimizer steps (``trainer.max_steps``), another
+    bar this epoch's batches (``batches``, at most the epoch's)."""
+    bar = trainer.progress_bar_callback
+    total = trainer.max_steps if isinstance(bar, StepProgressBar) else min(trainer.num_training_batches, batches)
     if isinstance(bar, RichProgressBar) and bar.progress is not None and bar.train_progress_bar_id is not None:
         bar.progress.update(bar.train_progress_bar_id, total=total)
     elif isinstance(bar, TQDMProgressBar):
