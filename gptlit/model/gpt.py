@@ -182,10 +182,11 @@ class GPT(nn.Module):
         ones = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device)
         self.causal_mask = torch.tril(ones)  # (L, L)
 
-    def cached_pass(self) -> CachedPass:
+    def cached_pass(self, products: str = "fastest") -> CachedPass:
         """The forward pass of decoding over the current KV cache, in eval mode: ``forward(idx, input_pos,
-        cache_len)``'s logits, bit for bit, with less Python per pass (`gptlit.model.cached_pass`)."""
-        return CachedPass(self)
+        cache_len)``'s logits with less Python per pass, its products in the form the CPU runs fastest (up to
+        rounding; bit for bit with ``products="linear"``: `gptlit.model.cached_pass`)."""
+        return CachedPass(self, products)
 
     def clear_kv_cache(self) -> None:
         for block in self.blocks:
