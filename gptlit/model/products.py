@@ -88,9 +88,11 @@ class Products:
 
     def __call__(self, index: int, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.size(-1)
-        trial = None if self.trials is None or rows > MOST_ROWS else self.trials.setdefault(rows, _Trial())
-        if trial is None:
+        if self.trials is None or rows > MOST_ROWS:
             return self.product(self.fixed, index, x)
+        trial = self.trials.get(rows)
+        if trial is None:
+            trial = self.trials[rows] = _Trial()
         if trial.fastest is not None:
             return self.product(trial.fastest, index, x)
         passes = trial.calls // len(self.layers)
