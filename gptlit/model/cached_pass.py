@@ -8,8 +8,8 @@ operations of `GPT.forward`, in its order, on them: each layer's own functions (
 ``activation``, the attention's `split_and_rotate`), the linear layers' weights. `GPT.forward` is the reference:
 tests/test_cached_pass.py holds the two equal, bit for bit, for every variant, when the products are the model's own
 ``F.linear`` (``products="linear"``). By default a float32 model on a CPU multiplies in the form its CPU runs
-fastest for the pass's rows (`gptlit.model.products`: on a 2-core AMD EPYC a pass of one token took 30% less time,
-of two, 60% less), and the logits equal `GPT.forward`'s up to rounding. Eval mode only (no dropout).
+fastest for the pass's rows (`gptlit.model.products`: on a 2-core AMD EPYC a pass of one token took 28% less time,
+of nine tokens 10% less), and the logits equal `GPT.forward`'s up to rounding. Eval mode only (no dropout).
 
 A float32 model on an x86-64 CPU runs its pass with oneDNN off: oneDNN's element-wise kernels (GELU's) cost some
 20 µs a call on a decoding pass's few values, where PyTorch's own take 2. The two GELUs differ in the last bit of some
