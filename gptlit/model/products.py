@@ -22,12 +22,10 @@ from time import perf_counter
 import torch
 import torch.nn.functional as F
 
+from gptlit.errors import UsageError
+
 Layer = tuple[torch.Tensor, torch.Tensor | None]  # a linear layer's weight (N, K) and bias (N,) or None
 MOST_ROWS = 16
-
-
-def _linear(x: torch.Tensor, w: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, w, b)
 
 
 def _transposed(x: torch.Tensor, w: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -38,12 +36,10 @@ def _weight_first(x: torch.Tensor, w: torch.Tensor, wt: torch.Tensor, b: torch.T
     return (w @ x.T if b is None else torch.addmm(b.unsqueeze(1), w, x.T)).T  # (W (N, K) @ xᵀ (K, M))ᵀ
 
 
-# The forms of x (M, K) Wᵀ + b: (M, N), each through another kernel.
-FORMS: dict[str, Callable[..., torch.Tensor]] = {
-    "linear": _linear,
-    "transposed": _transposed,
-    "weight-first": _weight_first,
-}
+# The forms of x Wᵀ + b, each through another kernel: "linear" is F.linear(x, W, b) as the model's layers run it, on
+# x (..., K); the others, on x (M, K), are below.
+FORMS = ("linear", "transposed", "weight-first")
+_OTHER_FORMS: dict[str, Callable[..., torch.Tensor]] = {"transposed": _transposed, "weight-first": _weight_first}
 
 # What the passes of each row count have measured, for each architecture in this process:
 # (device, dtype, threads, the layers' shapes) -> {rows: _Trial}
@@ -72,7 +68,7 @@ class Products:
 
     def __init__(self, layers: list[Layer], form: str = "fastest") -> None:
         if form != "fastest" and form not in FORMS:
-            raise ValueError(f"form must be 'fastest' or one of {list(FORMS)}, got {form!r}")
+            raise UsageError(f"form must be 'fastest' or one of {list(FORMS)}, got {form!r}")
         self.layers = layers
         self._transposed: list[torch.Tensor] | None = None
         weight = layers[0][0]
@@ -96,7 +92,7 @@ class Products:
         if trial.fastest is not None:
             return self.product(trial.fastest, index, x)
         passes = trial.calls // len(self.layers)
-        form = list(FORMS)[passes % len(FORMS)]
+        form = FORMS[passes % len(FORMS)]
         self.transposed()  # made before the clock starts
         began = perf_counter()
         out = self.product(form, index, x)
@@ -113,7 +109,7 @@ class Products:
         if form == "linear":
             return F.linear(x, w, b)
         rows = x.numel() // x.size(-1)
-        out = FORMS[form](x.reshape(rows, x.size(-1)), w, self.transposed()[index], b)  # (rows, N)
+        out = _OTHER_FORMS[form](x.reshape(rows, x.size(-1)), w, self.transposed()[index], b)  # (rows, N)
         return out.reshape(*x.shape[:-1], w.size(0))
 
     def form(self, rows: int) -> str | None:
